@@ -1,0 +1,1 @@
+"""Counts, layer responses, reports and plots."""

@@ -1,0 +1,139 @@
+"""One parameterised family for every network of the paper (plain and residual, CIFAR and ImageNet).
+
+Parameter paths read ``stem_conv``, ``stem_bn``, ``stage{i}/block{j}/conv{k}``, ``.../bn{k}``,
+``.../shortcut/{conv,bn}`` and ``fc``; stages are numbered from 1 (the paper's conv2_x is ``stage1``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resflax.models.blocks import BasicBlock, BottleneckBlock, ModuleDef
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+STEMS = ("cifar", "imagenet")
+
+# He et al. (2015) "Delving deep into rectifiers": N(0, 2 / fan_in), not truncated.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+class Stage(nn.Module):
+    """A stack of blocks at one resolution; the first block downsamples by ``strides``."""
+
+    block_cls: Any
+    num_blocks: int
+    filters: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    block_kwargs: dict
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for j in range(self.num_blocks):
+            x = self.block_cls(
+                filters=self.filters,
+                strides=self.strides if j == 0 else 1,
+                conv=self.conv,
+                norm=self.norm,
+                name=f"block{j}",
+                **self.block_kwargs,
+            )(x, train)
+        return x
+
+
+class ResNet(nn.Module):
+    """A plain or residual network of He et al. (2015).
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. ``(3, 3, 3)`` for CIFAR ResNet-20, ``(3, 4, 6, 3)`` for ResNet-50.
+      widths: filters of each stage's 3x3 convs (bottleneck output is 4x), e.g. ``(16, 32, 64)``.
+      block: ``"basic"`` or ``"bottleneck"``.
+      stem: ``"cifar"`` (3x3/16 conv) or ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool).
+      stem_width: filters of the stem conv (16 on CIFAR, 64 on ImageNet).
+      shortcut: ``"A"``, ``"B"`` or ``"C"`` (Sec. 3.3); ignored when ``residual`` is False.
+      residual: False removes every shortcut (the paper's "plain" network of the same shape).
+      pad_layout: option-A zero-channel layout, ``"append"`` (after the real channels) or ``"split"``.
+      stride_on_3x3: bottleneck only: False = paper (v1), True = v1.5.
+      zero_init_last_bn: initialise the last BN scale of each block to zero (off in the paper).
+      num_classes: size of the final fully-connected layer.
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype of the parameters.
+      bn_momentum: Flax convention (running = m * running + (1 - m) * batch); PyTorch's 0.1 is Flax's 0.9.
+      bn_axis_name: mesh axis over which BN statistics are averaged (synchronised BN), or None.
+    """
+
+    stage_sizes: Sequence[int]
+    widths: Sequence[int]
+    block: str = "basic"
+    stem: str = "cifar"
+    stem_width: int = 16
+    shortcut: str = "A"
+    residual: bool = True
+    pad_layout: str = "append"
+    stride_on_3x3: bool = False
+    zero_init_last_bn: bool = False
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.block not in BLOCKS:
+            raise ValueError(f"unknown block {self.block!r}; expected one of {tuple(BLOCKS)}")
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
+        if len(self.stage_sizes) != len(self.widths):
+            raise ValueError("stage_sizes and widths must have the same length")
+        conv = functools.partial(
+            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            axis_name=self.bn_axis_name,
+        )
+        block_cls = BLOCKS[self.block]
+        block_kwargs = dict(
+            residual=self.residual,
+            shortcut=self.shortcut,
+            pad_layout=self.pad_layout,
+            zero_init_last_bn=self.zero_init_last_bn,
+        )
+        if self.block == "bottleneck":
+            block_kwargs["stride_on_3x3"] = self.stride_on_3x3
+
+        x = jnp.asarray(x, self.dtype)
+        if self.stem == "cifar":
+            x = conv(self.stem_width, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
+        else:
+            x = conv(self.stem_width, (7, 7), strides=2, padding=((3, 3), (3, 3)), name="stem_conv")(x)
+        x = norm(name="stem_bn")(x, use_running_average=not train)
+        self.sow("intermediates", "stem_bn", x)
+        x = nn.relu(x)
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
+            x = Stage(
+                block_cls,
+                n,
+                w,
+                1 if i == 0 else 2,
+                conv,
+                norm,
+                block_kwargs,
+                name=f"stage{i + 1}",
+            )(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
+        return jnp.asarray(x, jnp.float32)

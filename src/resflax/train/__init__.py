@@ -1,0 +1,1 @@
+"""Training library: state, schedules, data-parallel steps, checkpoints and the loop."""

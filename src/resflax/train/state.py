@@ -1,0 +1,66 @@
+"""The train state: a plain pytree (params, batch_stats, optimizer state, step, RNG, warm-up bookkeeping).
+
+The data position is a function of ``step`` and the seed (epoch = step // steps_per_epoch, with a fresh
+permutation per epoch), so restoring ``step`` and ``rng`` restores the input pipeline exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key: serialisable by Orbax as a plain array
+    warmup_active: jax.Array  # bool: lr = warmup_lr while True
+    train_error_ema: jax.Array  # float32: smoothed training error that ends the warm-up
+    warmup_switch_step: jax.Array  # int32: step at which the warm-up ended, -1 if not (yet)
+
+
+def weight_decay_mask(params: Any, on: str) -> Any:
+    """Which leaves weight decay reaches: ``"all"`` (every parameter, as torch/Caffe reproductions do) or
+    ``"kernels"`` (conv and fc kernels only; BN scale/bias and fc bias exempt)."""
+    if on == "all":
+        return jax.tree_util.tree_map(lambda _: True, params)
+    if on == "kernels":
+        return jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
+    raise ValueError(f"weight_decay_on must be 'all' or 'kernels', got {on!r}")
+
+
+def make_optimizer(params: Any, momentum: float, weight_decay: float, weight_decay_on: str):
+    """SGD with momentum and L2 weight decay, PyTorch semantics: buf = m*buf + g + wd*w; w -= lr*buf.
+
+    The learning rate is applied by the train step (it depends on the warm-up flag), not inside optax.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params, weight_decay_on)),
+        optax.trace(decay=momentum, nesterov=False),
+    )
+
+
+def init_state(model, tx_fn, seed: int, image_shape, warmup: bool) -> TrainState:
+    """Initialises the model with He init from ``seed`` and builds the optimizer state."""
+    rng = jax.random.PRNGKey(seed)
+    init_key = jax.random.fold_in(rng, 2)
+    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    tx = tx_fn(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=rng,
+        warmup_active=jnp.asarray(warmup),
+        train_error_ema=jnp.float32(0.9),
+        warmup_switch_step=jnp.int32(-1),
+    )

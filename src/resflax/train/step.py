@@ -1,0 +1,188 @@
+"""Data-parallel train and eval steps: one jitted program over a 1-D ``('data',)`` mesh.
+
+Both steps run per device under ``jax.shard_map`` (the pmap semantics, without pmap): the state is
+replicated, each device takes its slice of the global batch, gradients, metrics and BN running statistics
+are averaged with ``lax.pmean``. With ``bn_sync`` the model's BatchNorm averages its batch statistics over
+the ``data`` axis (normalisation over the global batch, identical for any device count); without it each
+device normalises over its own slice, as the paper's two GPUs did.
+
+The CIFAR training set lives on the device (replicated); each step draws its batch from a per-epoch
+permutation of the seed and augments it inside the step, so the hot loop has no host round-trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resflax.data import augment
+from resflax.train import schedules
+from resflax.train.state import TrainState
+
+AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    batch_size: int
+    base_lr: float
+    boundaries: tuple[int, ...]
+    factor: float
+    warmup_lr: float
+    warmup_until_error: float  # the warm-up ends when the smoothed training error drops below this
+    warmup_ema: float = 0.95
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    devices = jax.devices()
+    n = num_devices or len(devices)
+    if n > len(devices):
+        raise ValueError(f"asked for {n} devices but only {len(devices)} are available")
+    return jax.make_mesh((n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
+
+
+def replicate(tree: Any, mesh) -> Any:
+    """Places host arrays replicated on every device of ``mesh`` (works across processes too)."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(x):
+        x = jnp.asarray(x) if not hasattr(x, "shape") else x
+        import numpy as np  # noqa: PLC0415
+
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def _keys(state: TrainState):
+    return jax.random.fold_in(state.rng, 0), jax.random.fold_in(state.rng, 1)
+
+
+def batch_indices(rng_data: jax.Array, step: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+    """Global batch ``step``: a slice of the permutation of epoch ``step // steps_per_epoch``.
+
+    Each epoch uses ``num_examples // batch_size`` full batches of a fresh permutation (the remainder of the
+    permutation is dropped, so every batch has exactly ``batch_size`` distinct examples)."""
+    steps_per_epoch = num_examples // batch_size
+    epoch, pos = step // steps_per_epoch, step % steps_per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(rng_data, epoch), num_examples)
+    return jax.lax.dynamic_slice(perm, (pos * batch_size,), (batch_size,))
+
+
+def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh) -> Callable:
+    """Returns ``step(state, images_u8, labels, mean) -> (state, metrics)``, jitted over ``mesh``.
+
+    ``images_u8``/``labels`` are the whole (replicated) training split; ``metrics`` holds ``loss``,
+    ``error`` (fraction of the batch misclassified) and ``lr`` as device scalars.
+    """
+    ndev = mesh.shape[AXIS]
+    if cfg.batch_size % ndev:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {ndev} devices")
+    local = cfg.batch_size // ndev
+
+    def per_device(state: TrainState, images, labels, mean):
+        rng_data, rng_aug = _keys(state)
+        gidx = batch_indices(rng_data, state.step, labels.shape[0], cfg.batch_size)
+        d = jax.lax.axis_index(AXIS)
+        lidx = jax.lax.dynamic_slice(gidx, (d * local,), (local,))
+        positions = state.step * cfg.batch_size + d * local + jnp.arange(local)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(rng_aug, positions)
+        x = augment.train_augment(images[lidx], mean, keys)
+        y = labels[lidx]
+
+        def loss_fn(params):
+            logits, new_vars = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (logits, new_vars["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        error = jnp.mean(jnp.argmax(logits, -1) != y)
+        grads, loss, error, batch_stats = jax.lax.pmean((grads, loss, error, batch_stats), AXIS)
+
+        lr = schedules.learning_rate(
+            state.step, state.warmup_active, cfg.base_lr, cfg.boundaries, cfg.factor, cfg.warmup_lr
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree_util.tree_map(lambda p, u: p - (lr * u).astype(p.dtype), state.params, updates)
+
+        ema = cfg.warmup_ema * state.train_error_ema + (1 - cfg.warmup_ema) * error
+        switch = state.warmup_active & (ema < cfg.warmup_until_error)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            train_error_ema=ema.astype(jnp.float32),
+            warmup_active=state.warmup_active & ~switch,
+            warmup_switch_step=jnp.where(switch, state.step + 1, state.warmup_switch_step),
+        )
+        return new_state, {"loss": loss, "error": error, "lr": lr}
+
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_eval_step(model, mesh) -> Callable:
+    """Returns ``eval(state_params, batch_stats, images_u8, labels, mask, mean) -> sums``: summed loss,
+    errors and count over the unmasked examples of a batch sharded over ``data``."""
+
+    def per_device(params, batch_stats, images, labels, mask, mean):
+        x = augment.normalize(images, mean)
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        wrong = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+        m = mask.astype(jnp.float32)
+        sums = {"loss": jnp.sum(loss * m), "errors": jnp.sum(wrong * m), "count": jnp.sum(m)}
+        return jax.lax.psum(sums, AXIS)
+
+    sharded = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P()),
+        out_specs=P(),
+        check_vma=False,
+    )
+    return jax.jit(sharded)
+
+
+def evaluate(eval_step, state: TrainState, images, labels, mean, batch_size: int, mesh) -> dict[str, float]:
+    """Exact evaluation: every example counted once; the last batch is padded and masked."""
+    import numpy as np  # noqa: PLC0415
+
+    ndev = mesh.shape[AXIS]
+    batch_size = max(ndev, batch_size - batch_size % ndev)
+    n = len(labels)
+    sharding = NamedSharding(mesh, P(AXIS))
+    totals = {"loss": 0.0, "errors": 0.0, "count": 0.0}
+    for start in range(0, n, batch_size):
+        xb, yb = images[start : start + batch_size], labels[start : start + batch_size]
+        k = len(yb)
+        mask = np.zeros((batch_size,), bool)
+        mask[:k] = True
+        if k < batch_size:
+            xb = np.concatenate([xb, np.zeros((batch_size - k, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((batch_size - k,), yb.dtype)])
+        args = [jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in (xb, yb, mask)]
+        sums = eval_step(state.params, state.batch_stats, *args, mean)
+        for key, v in jax.device_get(sums).items():
+            totals[key] += float(v)
+    count = totals["count"]
+    if int(count) != n:
+        raise RuntimeError(f"evaluation counted {count} examples, expected {n}")
+    return {"error": 100.0 * totals["errors"] / n, "loss": totals["loss"] / n, "count": int(count)}
+
+
+def step_config(boundaries: Sequence[int], **kw) -> StepConfig:
+    return StepConfig(boundaries=tuple(int(b) for b in boundaries), **kw)
