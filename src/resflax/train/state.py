@@ -64,3 +64,19 @@ def init_state(model, tx_fn, seed: int, image_shape, warmup: bool) -> TrainState
         train_error_ema=jnp.float32(0.9),
         warmup_switch_step=jnp.int32(-1),
     )
+
+
+def state_digest(state: TrainState) -> str:
+    """SHA-256 over params and batch_stats (paths, dtypes, shapes and bytes): equal iff bit-identical."""
+    import hashlib  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    tree = {"params": state.params, "batch_stats": state.batch_stats}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()

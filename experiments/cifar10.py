@@ -1,0 +1,69 @@
+r"""CIFAR-10 with the paper's recipe (He et al. 2015, Sec. 4.2) for any of its plain or residual nets.
+
+    resflax train --config=experiments/cifar10.py:resnet110 --workdir=runs/cifar-resnet110
+    make cifar-resnet110                      # the same, into runs/cifar-resnet110/
+
+The paper's test errors (Table 6): ResNet-20 8.75, -32 7.51, -44 7.17, -56 6.97, -110 6.43 (best of 5;
+6.61 +- 0.16), -1202 7.93. Plain nets appear only as curves (Fig. 6): deeper plain nets train worse.
+
+Recipe: batch 128, SGD momentum 0.9, weight decay 1e-4 (on every parameter, as Caffe/torch reproductions),
+lr 0.1 divided by 10 at 32k and 48k iterations, stop at 64k; per-pixel mean subtraction, 4-pixel zero
+padding + random 32x32 crop + horizontal flip; ResNet-110/1202 start at lr 0.01 until the (smoothed)
+training error is below 80%, then go back to 0.1. BN statistics per device (the paper's two GPUs) unless
+``bn_sync``.
+
+The argument after ``:`` is the model, optionally followed by typed settings:
+``experiments/cifar10.py:resnet56,seed=3,val=5000,scale=0.1`` (``val``: hold out that many training
+images as a validation split, the paper's 45k/5k is ``val=5000``; ``scale``: multiply the schedule's step
+counts, 1.0 = paper). ``:runlocal`` is a CPU-sized smoke run (ResNet-20, 600 steps, scaled schedule).
+Everything else is overridable on the command line, e.g. ``--config.num_steps=1000``; a misspelt key is
+an error.
+"""
+
+import ml_collections
+
+from resflax.configs import parse_arg
+
+WARMUP_MODELS = ("resnet110", "resnet1202")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg or "resnet20", model="resnet20", seed=0, val=0, scale=1.0)
+    c = ml_collections.ConfigDict()
+    runlocal = a.model == "runlocal"
+    c.model = "resnet20" if runlocal else a.model
+    # ResNet fields that may be overridden (see resflax.models.ResNet); None keeps the model's default.
+    c.shortcut = ml_collections.config_dict.placeholder(str)
+    c.pad_layout = "append"  # option-A zero channels after the real ones (fb.resnet.torch); "split" = akamaster
+    c.stride_on_3x3 = False
+    c.zero_init_last_bn = False
+    c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters and BN statistics
+
+    c.dataset = "cifar10"
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # else $TFDS_DATA_DIR, ~/tensorflow_datasets
+    c.val_examples = a.val
+
+    c.seed = a.seed
+    c.batch_size = 128
+    c.eval_batch_size = 500
+    c.schedule_scale = 0.0094 if runlocal else a.scale  # 64k * 0.0094 ~ 600 steps
+    c.num_steps = 64_000
+    c.base_lr = 0.1
+    c.lr_boundaries = (32_000, 48_000)
+    c.lr_factor = 0.1
+    c.momentum = 0.9
+    c.weight_decay = 1e-4
+    c.weight_decay_on = "all"  # or "kernels" (conv/fc kernels only)
+    c.warmup = c.model in WARMUP_MODELS
+    c.warmup_lr = 0.01
+    c.warmup_until_error = 0.8
+
+    c.bn_sync = False  # True: BN statistics over the global batch (identical for any device count)
+    c.num_devices = 0  # 0 = all local devices
+
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.eval_every_steps = 0  # 0 = once per epoch
+    c.log_every_steps = 50
+    c.progress = True
+    return c

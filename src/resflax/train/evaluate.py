@@ -1,0 +1,56 @@
+"""Evaluate the latest checkpoint of a workdir on the full test split (every image exactly once)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from resflax.data import cifar10
+from resflax.train import loop, state as state_lib, step as step_lib
+from resflax.train.checkpoint import Checkpointer
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    f = Path(workdir) / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
+    return ml_collections.ConfigDict(json.loads(f.read_text()))
+
+
+def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None, num_devices: int = 0):
+    """(config, plan, state) of the latest good checkpoint in ``workdir``."""
+    config = config or load_config(workdir)
+    config.num_devices = num_devices
+    p = loop.plan(config)
+    tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
+                              weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
+    init = state_lib.init_state(p.model, tx_fn, config.seed, (32, 32, 3), config.warmup)
+    rep = jax.sharding.NamedSharding(p.mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), init)
+    ckpt = Checkpointer(workdir)
+    try:
+        restored = ckpt.restore_latest(abstract)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint to evaluate")
+    return config, p, restored[0]
+
+
+def evaluate_workdir(workdir: str | Path, data_dir: str | None = None) -> dict[str, Any]:
+    config = load_config(workdir)
+    if data_dir:
+        config.data_dir = data_dir
+    config, p, state = restore(workdir, config)
+    data = cifar10.load(p.data_dir, config.val_examples)
+    mean = step_lib.replicate(data.mean, p.mesh)
+    eval_step = step_lib.make_eval_step(p.model, p.mesh)
+    r = step_lib.evaluate(eval_step, state, data.test.images, data.test.labels, mean, config.eval_batch_size, p.mesh)
+    return {"workdir": str(workdir), "model": config.model, "step": int(jax.device_get(state.step)),
+            "test_error": r["error"], "test_loss": r["loss"], "test_examples": r["count"],
+            "state_digest": state_lib.state_digest(state)}

@@ -1,0 +1,124 @@
+"""Workdir hygiene: one run at a time (an flock that dies with its process), the experiment's identity,
+and metrics files (``metrics.jsonl`` and TensorBoard events) written by process 0 only."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+# Config keys that may change between a run and its resumption without making it another experiment.
+RESUMABLE_KEYS = frozenset(
+    {"data_dir", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress", "eval_every_steps",
+     "eval_batch_size", "num_steps"}
+)
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used as asked (in use, another experiment, not writable)."""
+
+
+class Lock:
+    """An exclusive ``flock`` on ``WORKDIR/.lock``; the kernel drops it when the process dies (even kill -9)."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / ".lock"
+        self.fd = None
+
+    def acquire(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(self.path).read_text().strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise WorkdirError(f"workdir {self.path.parent} is in use by {holder}") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def prepare(workdir: str | Path) -> Path:
+    """Creates the workdir (or checks it is writable); raises ``WorkdirError`` otherwise."""
+    path = Path(workdir).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"cannot create workdir {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise WorkdirError(f"workdir {path} is not writable")
+    return path
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+
+
+def check_experiment(workdir: Path, config: dict[str, Any]) -> None:
+    """Refuses a workdir whose ``config.json`` describes a different experiment."""
+    f = workdir / "config.json"
+    if not f.exists():
+        return
+    old = json.loads(f.read_text())
+    a, b = identity(old), identity(json.loads(json.dumps(config)))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
+        raise WorkdirError(
+            f"workdir {workdir} holds a different experiment ({shown}); use another --workdir, "
+            "or pass --start_over to move the old run aside"
+        )
+
+
+def set_aside(workdir: Path) -> Path | None:
+    """Moves an existing run out of the way (``WORKDIR.old-<time>``), for ``--start_over``; loses nothing."""
+    if not workdir.exists() or not any(workdir.iterdir()):
+        return None
+    dst = workdir.with_name(f"{workdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    workdir.rename(dst)
+    workdir.mkdir()
+    return dst
+
+
+class MetricsWriter:
+    """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (``WORKDIR/tb``)."""
+
+    def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            # Drop lines written after the checkpoint we resume from: they will be written again, identically.
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
+                    json.loads(ln).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            tmp.replace(self.path)
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+        self.tb = SummaryWriter(str(workdir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        split = record.get("split")
+        for k, v in record.items():
+            if k not in ("step", "split", "event") and isinstance(v, int | float) and split:
+                self.tb.add_scalar(f"{split}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
