@@ -1,7 +1,7 @@
 """Parameter and multiply-add counts of a model, computed from the model's own definition.
 
 Multiply-adds are counted for convolutions and fully-connected layers (as in the paper's Table 1), by
-intercepting each ``nn.Conv``/``nn.Dense`` call during an abstract (shape-only) forward pass.
+intercepting each convolution (any module with ``kernel_size`` and ``features``) and ``nn.Dense`` call during an abstract (shape-only) forward pass.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ PAPER = {
     "resnet50": dict(params=25_557_032, mult_adds=3.8e9),
     "resnet101": dict(params=44_549_160, mult_adds=7.6e9),
     "resnet152": dict(params=60_192_808, mult_adds=11.3e9),
+    **{f"plain{d}": dict(params=p) for d, p in ((20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018), (110, 1_727_962))},
     "plain18": dict(mult_adds=1.8e9),
     "plain34": dict(mult_adds=3.6e9),
 }
@@ -46,9 +47,10 @@ def count(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, int]
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__":
             mod = context.module
-            if isinstance(mod, nn.Conv):
+            # Any convolution layer (nn.Conv or a drop-in with the same fields) counts.
+            if hasattr(mod, "kernel_size") and hasattr(mod, "features"):
                 x = args[0]
-                k = math.prod(mod.kernel_size) * x.shape[-1] // mod.feature_group_count
+                k = math.prod(mod.kernel_size) * x.shape[-1] // getattr(mod, "feature_group_count", 1)
                 macs += math.prod(out.shape[1:]) * k
             elif isinstance(mod, nn.Dense):
                 macs += math.prod(out.shape[1:]) * args[0].shape[-1]

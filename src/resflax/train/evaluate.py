@@ -11,7 +11,9 @@ import jax
 import ml_collections
 
 from resflax.data import cifar10
-from resflax.train import loop, state as state_lib, step as step_lib
+from resflax.train import loop
+from resflax.train import state as state_lib
+from resflax.train import step as step_lib
 from resflax.train.checkpoint import Checkpointer
 
 

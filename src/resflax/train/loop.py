@@ -22,7 +22,10 @@ import numpy as np
 
 from resflax.data import cifar10
 from resflax.models import get_model
-from resflax.train import schedules, state as state_lib, step as step_lib, workdir as wd
+from resflax.train import schedules
+from resflax.train import state as state_lib
+from resflax.train import step as step_lib
+from resflax.train import workdir as wd
 from resflax.train.checkpoint import Checkpointer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
