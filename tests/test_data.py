@@ -1,0 +1,52 @@
+"""CIFAR-10 input through tfds.data_source: mock data, missing data, and the real shared copy."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from resflax.data import cifar10
+
+
+def test_load_under_tfds_mock_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        d = cifar10.load(str(tmp_path), val_examples=8)
+    assert d.train.images.shape == (32, 32, 32, 3) and d.train.images.dtype == np.uint8
+    assert d.val.images.shape == (8, 32, 32, 3) and len(d.test) == 40
+    assert d.train.labels.dtype == np.int32 and d.train.labels.max() < 10
+    np.testing.assert_allclose(d.mean, d.train.images.mean(0) / 255.0, atol=1e-6)
+
+
+def test_missing_data_names_every_place_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env_dir"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(cifar10.DataError) as e:
+        cifar10.find_data_dir(str(tmp_path / "cfg_dir"))
+    msg = str(e.value)
+    for place in ("cfg_dir", "env_dir", "home/tensorflow_datasets"):
+        assert place in msg
+    assert "prepare-data" in msg
+    assert not (tmp_path / "cfg_dir").exists()  # nothing written
+
+
+def test_val_split_must_fit(tmp_path):
+    with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(cifar10.DataError, match="val_examples"):
+            cifar10.load(str(tmp_path), val_examples=10)
+
+
+REAL = os.environ.get("TFDS_DATA_DIR")
+needs_real = pytest.mark.skipif(
+    not REAL or not (Path(REAL) / "cifar10").exists(), reason="TFDS_DATA_DIR without cifar10"
+)
+
+
+@needs_real
+def test_real_cifar10_test_split():
+    src = tfds.data_source("cifar10", split="test", data_dir=REAL, download=False)
+    split = cifar10._decode(src)
+    assert split.images.shape == (10_000, 32, 32, 3)
+    assert np.bincount(split.labels, minlength=10).tolist() == [1000] * 10
+    assert 100 < split.images.mean() < 150  # real photographs, not noise or zeros

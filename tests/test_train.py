@@ -1,0 +1,146 @@
+"""The training loop end to end: resume bit for bit, divergence guard, workdir and config errors, real data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+import tensorflow_datasets as tfds
+
+from resflax.models import get_model
+from resflax.train import loop
+from resflax.train import state as state_lib
+from resflax.train import workdir as wd
+from test_schedules import load_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = os.environ.get("TFDS_DATA_DIR")
+needs_real = pytest.mark.skipif(not REAL or not (Path(REAL) / "cifar10").exists(),
+                                reason="TFDS_DATA_DIR without cifar10")
+
+
+def tiny_config(**kw):
+    c = load_experiment().get_config("resnet8")
+    c.update(dict(batch_size=16, eval_batch_size=32, num_steps=6, lr_boundaries=(4, 5),
+                  checkpoint_every_steps=3, log_every_steps=1, eval_every_steps=3, progress=False))
+    c.update(kw)
+    return c
+
+
+def mock():
+    return tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    with mock():
+        straight = loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+        first = loop.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path / "b"))
+        resumed = loop.train_and_evaluate(tiny_config(), str(tmp_path / "b"))
+    assert first["step"] == 3 and resumed["step"] == straight["step"] == 6
+    assert resumed["state_digest"] == straight["state_digest"]
+    assert first["state_digest"] != straight["state_digest"]
+    assert resumed["test_error"] == straight["test_error"]
+    # metrics.jsonl of the resumed run equals the uninterrupted one line for line (img/s aside)
+    def lines(d):
+        rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
+    assert lines("b") == lines("a")
+    assert sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+
+def test_divergence_guard(tmp_path):
+    with mock():
+        with pytest.raises(loop.DivergenceError, match=r"non-finite .* at step [12]\b"):
+            loop.train_and_evaluate(tiny_config(base_lr=1e38, checkpoint_every_steps=1), str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+
+
+def test_weight_decay_mask_reaches_the_stated_leaves():
+    params = get_model("resnet8").init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)))["params"]
+    flat = {jax.tree_util.keystr(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(state_lib.weight_decay_mask(params, "kernels"))[0]}
+    assert flat["['stage1']['block0']['conv1']['kernel']"] is True
+    assert flat["['fc']['kernel']"] is True
+    assert flat["['fc']['bias']"] is False and flat["['stage1']['block0']['bn1']['scale']"] is False
+    assert all(jax.tree_util.tree_leaves(state_lib.weight_decay_mask(params, "all")))
+    with pytest.raises(ValueError):
+        state_lib.weight_decay_mask(params, "some")
+
+
+def test_other_experiment_in_workdir_is_refused(tmp_path):
+    with mock():
+        loop.train_and_evaluate(tiny_config(num_steps=1), str(tmp_path))
+        before = (tmp_path / "config.json").read_text()
+        with pytest.raises(wd.WorkdirError, match="different experiment"):
+            loop.train_and_evaluate(tiny_config(num_steps=1, seed=1), str(tmp_path))
+        assert (tmp_path / "config.json").read_text() == before
+        out = loop.train_and_evaluate(tiny_config(num_steps=1, seed=1), str(tmp_path), start_over=True)
+    assert out["step"] == 1
+    assert len(list(tmp_path.parent.glob(tmp_path.name + ".old-*"))) == 1  # the old run was moved, not lost
+
+
+def test_workdir_in_use_is_refused(tmp_path):
+    lock = wd.Lock(tmp_path)
+    lock.acquire()
+    try:
+        with pytest.raises(wd.WorkdirError, match="in use"):
+            wd.Lock(tmp_path).acquire()
+    finally:
+        lock.release()
+    wd.Lock(tmp_path).acquire()  # released: usable again
+
+
+def cli(*args, env=None, timeout=300):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "resflax.cli", *args], capture_output=True, text=True,
+                          env=e, timeout=timeout, cwd=ROOT)
+
+
+def test_cli_bad_input_one_line_nonzero_nothing_written(tmp_path):
+    cfg = "--config=experiments/cifar10.py:resnet8"
+    cases = [
+        ([cfg.replace("resnet8", "resnet21")], "unknown model"),
+        ([cfg, "--config.num_stepz=3"], "num_stepz"),
+        ([cfg, "--config.batch_size=100"], "not divisible"),  # 100 % 3 devices
+        ([cfg, "--config.data_dir=/nonexistent"], None),  # found via TFDS_DATA_DIR when set, else missing
+    ]
+    for args, msg in cases[:3]:
+        w = tmp_path / "w"
+        r = cli("train", *args, f"--workdir={w}",
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"})
+        assert r.returncode != 0, r.stdout
+        err = r.stderr.strip().splitlines()
+        assert err and msg in err[-1], r.stderr[-1000:]
+        assert not w.exists()
+
+
+def test_cli_missing_data(tmp_path):
+    r = cli("train", "--config=experiments/cifar10.py:resnet8", f"--workdir={tmp_path / 'w'}",
+            f"--config.data_dir={tmp_path / 'nodata'}",
+            env={"TFDS_DATA_DIR": str(tmp_path / "nodata2"), "HOME": str(tmp_path)})
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert "not found" in last and "nodata2" in last
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+@needs_real
+def test_resnet20_learns_on_real_cifar10(tmp_path):
+    c = load_experiment().get_config("resnet20")
+    c.update(dict(num_steps=100, checkpoint_every_steps=100, log_every_steps=10, eval_every_steps=100,
+                  progress=False, data_dir=REAL))
+    out = loop.train_and_evaluate(c, str(tmp_path))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("split") == "train"]
+    assert train[0]["loss"] > 2.0 and train[-1]["loss"] < 0.8 * train[0]["loss"]
+    assert out["test_error"] < 75.0  # chance is 90%
+    r = cli("eval", f"--workdir={tmp_path}", "--json")
+    assert r.returncode == 0, r.stderr[-1000:]
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ev["step"] == 100 and ev["test_examples"] == 10_000
+    assert ev["test_error"] == pytest.approx(out["test_error"]) and ev["state_digest"] == out["state_digest"]
