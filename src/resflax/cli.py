@@ -4,6 +4,8 @@
     resflax train --config=experiments/cifar10.py:resnet20 --workdir=DIR [--config.KEY=VALUE ...] [--start_over]
     resflax eval --workdir=DIR [--json]         test error of the latest checkpoint, with a state digest
     resflax prepare-data [--data_dir=DIR]       download and prepare CIFAR-10 (ArrayRecord) once
+    resflax report RUN_DIR... --out DIR          Fig. 6 curves and the Table 6 markdown from runs
+    resflax responses --workdir DIR [DIR...]     Fig. 7: std of each 3x3 layer's response (PNG + CSV)
 
 Config files are Python, executed on load by design (like any ml-collections config): only run configs you
 trust. Checkpoints are read with Orbax (no pickle).
@@ -99,7 +101,26 @@ def cmd_prepare(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"summary": cmd_summary, "train": cmd_train, "eval": cmd_eval, "prepare-data": cmd_prepare}
+def cmd_report(argv: list[str]) -> int:
+    from resflax.analysis.commands import cmd_report as run  # noqa: PLC0415
+
+    return run(argv)
+
+
+def cmd_responses(argv: list[str]) -> int:
+    from resflax.analysis.commands import cmd_responses as run  # noqa: PLC0415
+
+    return run(argv)
+
+
+COMMANDS = {
+    "summary": cmd_summary,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "prepare-data": cmd_prepare,
+    "report": cmd_report,
+    "responses": cmd_responses,
+}
 
 
 def _fail(msg: str) -> int:
