@@ -14,6 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resflax.models.fastops import barrier as _barrier
+
 ModuleDef = Callable[..., nn.Module]
 Array = Any
 
@@ -86,6 +88,7 @@ class BasicBlock(nn.Module):
     shortcut: str = "A"
     pad_layout: str = "append"
     zero_init_last_bn: bool = False
+    barrier: bool = False  # optimisation barrier on the output (see fastops.barrier); numerically a no-op
 
     expansion = 1
 
@@ -104,7 +107,8 @@ class BasicBlock(nn.Module):
             y = y + Shortcut(
                 self.shortcut, self.filters, self.strides, self.conv, self.norm, self.pad_layout, name="shortcut"
             )(x, train)
-        return nn.relu(y)
+        y = nn.relu(y)
+        return _barrier(y) if self.barrier else y
 
 
 class BottleneckBlock(nn.Module):
@@ -123,6 +127,7 @@ class BottleneckBlock(nn.Module):
     pad_layout: str = "append"
     zero_init_last_bn: bool = False
     stride_on_3x3: bool = False
+    barrier: bool = False
 
     expansion = 4
 
@@ -147,4 +152,5 @@ class BottleneckBlock(nn.Module):
                 self.shortcut, self.filters * 4, self.strides, self.conv, self.norm, self.pad_layout,
                 name="shortcut",
             )(x, train)
-        return nn.relu(y)
+        y = nn.relu(y)
+        return _barrier(y) if self.barrier else y

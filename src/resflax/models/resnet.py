@@ -13,10 +13,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resflax import xla as _xla
+from resflax.models import fastops
 from resflax.models.blocks import BasicBlock, BottleneckBlock, ModuleDef
+
+_xla.configure()  # default XLA flags must be in place before the backend starts
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
 STEMS = ("cifar", "imagenet")
+IMPLS = ("fast", "flax")
 
 # He et al. (2015) "Delving deep into rectifiers": N(0, 2 / fan_in), not truncated.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -65,6 +70,10 @@ class ResNet(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype of the parameters.
       bn_momentum: Flax convention (running = m * running + (1 - m) * batch); PyTorch's 0.1 is Flax's 0.9.
       bn_axis_name: mesh axis over which BN statistics are averaged (synchronised BN), or None.
+      impl: ``"fast"`` (default): ``fastops.Conv``/``fastops.BatchNorm`` with hand-written gradients;
+        ``"flax"``: ``nn.Conv``/``nn.BatchNorm``. Same parameters, same numerics up to float rounding.
+      barriers: optimisation barrier after every block, so the backward pass reads stored activations
+        instead of recomputing BN/add/ReLU chains (numerically a no-op; see docs/performance.md).
     """
 
     stage_sizes: Sequence[int]
@@ -83,6 +92,8 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
+    impl: str = "fast"
+    barriers: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -92,11 +103,14 @@ class ResNet(nn.Module):
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError("stage_sizes and widths must have the same length")
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
+        conv_cls, norm_cls = (fastops.Conv, fastops.BatchNorm) if self.impl == "fast" else (nn.Conv, nn.BatchNorm)
         conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal
+            conv_cls, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal
         )
         norm = functools.partial(
-            nn.BatchNorm,
+            norm_cls,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
@@ -109,6 +123,7 @@ class ResNet(nn.Module):
             shortcut=self.shortcut,
             pad_layout=self.pad_layout,
             zero_init_last_bn=self.zero_init_last_bn,
+            barrier=self.barriers,
         )
         if self.block == "bottleneck":
             block_kwargs["stride_on_3x3"] = self.stride_on_3x3

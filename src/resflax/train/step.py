@@ -22,9 +22,12 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resflax import xla as _xla
 from resflax.data import augment
 from resflax.train import schedules
 from resflax.train.state import TrainState
+
+_xla.configure()  # default XLA flags must be in place before the backend starts
 
 AXIS = "data"
 

@@ -1,0 +1,220 @@
+"""Faster drop-in layers for the CPU (and any backend): BatchNorm and 3x3 convolution with hand-written VJPs.
+
+Why (see docs/performance.md): XLA's automatic gradient of ``nn.BatchNorm`` makes several passes over each
+activation and, in the weight gradients, fuses the whole BN + add + ReLU chain back into the transposes that
+feed the weight-gradient convolutions, recomputing it many times. These layers keep Flax's parameter and
+statistic names (``scale``, ``bias``; ``mean``, ``var``) and numerics (biased batch variance, Flax momentum
+convention) and differ from ``nn.BatchNorm`` / ``nn.Conv`` only by float rounding:
+
+* ``BatchNorm``: one fused pass for the batch moments (sum and sum of squares), one pass to normalise; the
+  backward pass is one fused reduction (sum dy, sum dy*x) and one elementwise pass.
+* ``Conv``: ``lax.conv_general_dilated`` whose VJP computes the input gradient as a plain forward convolution
+  with the flipped, transposed kernel (faster on XLA:CPU than the transposed convolution autodiff emits).
+* ``barrier``: an optimisation barrier used on block outputs so that the backward pass reads the stored
+  activation instead of recomputing the chain that produced it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = Any
+
+
+# --------------------------------------------------------------------------------------------------------------
+# optimisation barrier (identity with an identity gradient that also cannot be fused through)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def barrier(x: Array) -> Array:
+    return lax.optimization_barrier(x)
+
+
+def _barrier_fwd(x):
+    return lax.optimization_barrier(x), None
+
+
+def _barrier_bwd(_, g):
+    return (lax.optimization_barrier(g),)
+
+
+barrier.defvjp(_barrier_fwd, _barrier_bwd)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BatchNorm
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _moments(x: Array, axis_name: str | None):
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axes)
+    mean_sq = jnp.mean(jnp.square(xf), axes)
+    if axis_name is not None:
+        mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
+    var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
+    return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_train(x, scale, bias, epsilon, axis_name):
+    y, mean, var, _ = _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name)
+    return y, mean, var
+
+
+def _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name):
+    mean, var = _moments(x, axis_name)
+    inv = lax.rsqrt(var + epsilon)
+    mul = (scale.astype(jnp.float32) * inv)
+    add = bias.astype(jnp.float32) - mean * mul
+    y = (x.astype(jnp.float32) * mul + add).astype(x.dtype)
+    return y, mean, var, inv
+
+
+def _bn_train_fwd(x, scale, bias, epsilon, axis_name):
+    y, mean, var, inv = _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name)
+    return (y, mean, var), (x, scale, mean, inv)
+
+
+def _bn_train_bwd(epsilon, axis_name, res, cts):
+    x, scale, mean, inv = res
+    dy = cts[0]  # the batch statistics are outputs for the running averages only (not differentiated)
+    axes = tuple(range(x.ndim - 1))
+    dyf = dy.astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    n = 1
+    for a in axes:
+        n *= x.shape[a]
+    s_dy = jnp.sum(dyf, axes)
+    s_dyx = jnp.sum(dyf * xf, axes)
+    # local parameter gradients (the train step averages them over devices)
+    dbias = s_dy
+    dscale = inv * (s_dyx - mean * s_dy)  # sum(dy * xhat)
+    m_dy, m_dyx = s_dy / n, s_dyx / n
+    if axis_name is not None:
+        # statistics over the global batch: the input gradient needs the global means
+        m_dy, m_dyx = lax.pmean((m_dy, m_dyx), axis_name)
+    m_dyxhat = inv * (m_dyx - mean * m_dy)
+    g = scale.astype(jnp.float32) * inv
+    # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = (x - mean) * inv
+    c1 = g * inv * m_dyxhat
+    c0 = -g * m_dy + c1 * mean
+    dx = (dyf * g - xf * c1 + c0).astype(x.dtype)
+    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+class BatchNorm(nn.Module):
+    """Drop-in for ``nn.BatchNorm`` over the last axis (same names, defaults and running-average rule)."""
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    axis_name: str | None = None
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,))
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale)
+        x = x.astype(dtype)
+        if ura:
+            inv = lax.rsqrt(ra_var.value + self.epsilon)
+            mul = scale.astype(jnp.float32) * inv
+            add = bias.astype(jnp.float32) - ra_mean.value * mul
+            return (x.astype(jnp.float32) * mul + add).astype(dtype)
+        if self.is_initializing():
+            mean, var = _moments(x, None)
+            y = x
+        else:
+            y, mean, var = _bn_train(x, scale, bias, self.epsilon, self.axis_name)
+            mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Convolution
+# --------------------------------------------------------------------------------------------------------------
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_fast_dx(x, w, strides, padding):
+    return _conv(x, w, strides, padding)
+
+
+def _conv_fwd(x, w, strides, padding):
+    return _conv(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, res, g):
+    x, w = res
+    kh, kw = w.shape[:2]
+    # weight gradient: XLA's own
+    _, vjp_w = jax.vjp(lambda w_: _conv(x, w_, strides, padding), w)
+    (dw,) = vjp_w(g)
+    if strides == (1, 1) and padding == ((kh // 2, kh // 2), (kw // 2, kw // 2)):
+        # input gradient as a forward "same" convolution with the flipped, transposed kernel
+        wt = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+        dx = _conv(g, wt, (1, 1), padding)
+    else:
+        _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)
+        (dx,) = vjp_x(g)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv_fast_dx.defvjp(_conv_fwd, _conv_bwd)
+
+
+class Conv(nn.Module):
+    """Drop-in for the ``nn.Conv`` uses of this package (NHWC, no bias, explicit or 'VALID' padding)."""
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.use_bias:
+            raise NotImplementedError("fastops.Conv has no bias (every conv of the paper is followed by BN)")
+        ks = tuple(self.kernel_size)
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+        kernel = self.param("kernel", self.kernel_init, (*ks, x.shape[-1], self.features), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        padding = self.padding
+        if isinstance(padding, str):
+            padding = lax.padtype_to_pads(x.shape[1:3], ks, strides, padding)
+        padding = tuple(tuple(int(v) for v in p) for p in padding)
+        return conv_fast_dx(x.astype(dtype), kernel.astype(dtype), strides, padding)

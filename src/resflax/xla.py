@@ -1,0 +1,67 @@
+"""XLA flags resflax sets by default, and why (see docs/performance.md).
+
+``--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce`` makes XLA:CPU run elementwise and reduction fusions
+through YNNPACK. On this project's ResNets it roughly doubles the CPU training step and makes it scale
+linearly with depth: without it, XLA fuses whole BN + add + ReLU chains into the transposes that feed the
+weight-gradient convolutions and recomputes them (81% of ResNet-110's step), and compile time grows too.
+The flag is experimental: an unknown value aborts the process, so it is only set for the jaxlib versions it
+was tested with, and never when the user's ``XLA_FLAGS`` already mention it. ``RESFLAX_XLA_DEFAULTS=0``
+turns the defaults off. XLA reads ``XLA_FLAGS`` once, when the first backend starts, so :func:`configure`
+runs when ``resflax.models`` is imported; importing (or initialising) JAX's backend earlier is fine as long as
+no computation ran before.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_VALUE = "eltwise,reduce"
+TESTED_JAXLIB = ("0.10.2",)
+
+_configured: list[str] | None = None
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge  # noqa: PLC0415
+
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
+def default_flags(jaxlib_version: str | None = None) -> list[str]:
+    """The flags resflax would add for this jaxlib (empty if the version is untested)."""
+    if jaxlib_version is None:
+        import jaxlib  # noqa: PLC0415
+
+        jaxlib_version = jaxlib.__version__
+    if jaxlib_version not in TESTED_JAXLIB:
+        return []
+    return [f"{YNN_FLAG}={YNN_VALUE}"]
+
+
+def configure() -> list[str]:
+    """Appends resflax's default flags to ``XLA_FLAGS`` (once); returns the flags it added."""
+    global _configured
+    if _configured is not None:
+        return _configured
+    _configured = []
+    if os.environ.get("RESFLAX_XLA_DEFAULTS", "1") in ("0", "false", "False", "no"):
+        return _configured
+    current = os.environ.get("XLA_FLAGS", "")
+    add = [f for f in default_flags() if f.split("=")[0] not in current]
+    if not add:
+        return _configured
+    if _backend_started():
+        warnings.warn(
+            "resflax: JAX's backend started before resflax.models was imported, so the default XLA flags "
+            f"{add} are not in effect (CPU training is ~2x slower); import resflax first or set XLA_FLAGS.",
+            stacklevel=3,
+        )
+        return _configured
+    os.environ["XLA_FLAGS"] = (current + " " + " ".join(add)).strip()
+    _configured = add
+    return _configured
