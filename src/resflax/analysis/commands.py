@@ -1,0 +1,59 @@
+"""``resflax report`` and ``resflax responses``: parse flags, call ``analysis.report`` / ``analysis.responses``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+
+def _command(name: str, argv: list[str]) -> str:
+    return shlex.join(["resflax", name, *argv])
+
+
+def cmd_report(argv: list[str]) -> int:
+    from resflax.analysis import report  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(
+        prog="resflax report",
+        description="Fig. 6 curves, the Table 6 markdown and report.md from run directories (finished or not)")
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                    help="run directories, or folders whose sub-directories are runs")
+    ap.add_argument("--out", required=True, help="output folder (created): fig6*.png, table6.md, report.md")
+    ap.add_argument("--dataset", default=None, help="name the data yourself (default: read from config.json)")
+    ap.add_argument("--ymax", type=float, default=None, help="top of the error axis in %% (default: automatic)")
+    args = ap.parse_args(argv)
+    runs = report.collect_runs(args.runs)
+    written = report.write_report(runs, args.out, _command("report", argv), args.dataset, args.ymax)
+    for r in runs:
+        print(f"{r.path}: {r.model} seed {r.seed}, {r.progress}, test error {report._fmt(r.final_test)}%")
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def cmd_responses(argv: list[str]) -> int:
+    from resflax.analysis import responses  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(
+        prog="resflax responses",
+        description="Fig. 7: std of each 3x3 layer's response (after BN, before ReLU/addition) over the test set")
+    ap.add_argument("--workdir", nargs="+", required=True, metavar="DIR", help="run directories (latest checkpoint)")
+    ap.add_argument("--out", required=True, help="output folder (created): fig7.png, responses.csv, responses.md")
+    ap.add_argument("--data_dir", default=None, help="TFDS data_dir (default: the run's, then TFDS's lookup)")
+    ap.add_argument("--max_images", type=int, default=None, help="first N test images (default: all 10,000)")
+    ap.add_argument("--batch_size", type=int, default=500)
+    args = ap.parse_args(argv)
+    if args.max_images is not None and args.max_images <= 0:
+        raise ValueError(f"--max_images must be positive, got {args.max_images}")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+    cache: dict = {}
+    results = []
+    for w in args.workdir:
+        r = responses.run_responses(w, args.data_dir, args.max_images, args.batch_size, _cache=cache)
+        stds = [s for _, s in r["layers"]]
+        print(f"{w}: {r['model']} step {r['step']}, {len(stds)} 3x3 layers over {r['images']} test images, "
+              f"std mean {sum(stds) / len(stds):.3f}, max {max(stds):.3f}", flush=True)
+        results.append(r)
+    written = responses.write_responses(results, args.out, _command("responses", argv))
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0

@@ -1,0 +1,426 @@
+"""The paper's Fig. 6 (CIFAR-10 error curves) and Table 6 (test errors), generated from run directories.
+
+A run directory is what ``resflax train`` writes: ``config.json`` and ``metrics.jsonl``. Runs still in
+progress are reported with what exists and marked; a step logged twice (a resumed run) counts once, the
+last record winning. Nothing here is hand-edited: ``resflax report RUN_DIR... --out DIR`` regenerates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from resflax.train.schedules import scaled_steps
+
+PAPER_NUM_STEPS, PAPER_BOUNDARIES = 64_000, (32_000, 48_000)
+PAPER_110_MEAN = (6.61, 0.16)  # Table 6: ResNet-110 mean ± std of 5 runs; counts.PAPER holds the best (6.43)
+SHARED_COPY = Path("shared") / "tfds"  # this project's JPEG (quality 75) copy of CIFAR-10
+# One colour per depth in every figure (Fig. 6 and Fig. 7), so a depth reads the same everywhere.
+DEPTH_COLOURS = {8: "tab:gray", 20: "tab:orange", 32: "tab:green", 44: "tab:red", 56: "tab:blue",
+                 110: "tab:purple", 1202: "tab:brown"}
+_SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "black")
+_NAME = re.compile(r"^(?:cifar_)?(resnet|plain)(\d+)$")
+FINAL_TRAIN_FRACTION = 0.05  # "final training error": mean of the records in the last 5% of the iterations
+
+
+def family_depth(model: str) -> tuple[str, int]:
+    """``("resnet", 56)`` for ``resnet56``; ``("other", 0)`` for names outside the CIFAR families."""
+    m = _NAME.match(model)
+    return (m.group(1), int(m.group(2))) if m else ("other", 0)
+
+
+def label(model: str) -> str:
+    fam, depth = family_depth(model)
+    return {"resnet": f"ResNet-{depth}", "plain": f"plain-{depth}"}.get(fam, model)
+
+
+def colour(depth: int) -> str:
+    return DEPTH_COLOURS.get(depth, _SPARE_COLOURS[depth % len(_SPARE_COLOURS)])
+
+
+@dataclasses.dataclass
+class Run:
+    """One run directory: its config and its (deduplicated, step-sorted) error curves in percent."""
+
+    path: Path
+    config: dict[str, Any]
+    train: list[tuple[int, float]]
+    test: list[tuple[int, float]]
+    bad_lines: int = 0  # unparsable lines (e.g. a line being written while we read)
+
+    @property
+    def model(self) -> str:
+        return self.config["model"]
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def num_steps(self) -> int:
+        """The effective number of steps (the config's, scaled by ``schedule_scale``)."""
+        return scaled_steps(self.config["num_steps"], self.config.get("schedule_scale", 1.0))
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        scale = self.config.get("schedule_scale", 1.0)
+        return tuple(scaled_steps(b, scale) for b in self.config.get("lr_boundaries", ()))
+
+    @property
+    def schedule(self) -> str:
+        """The schedule in words; only the paper's own numbers are called the paper's schedule."""
+        if (self.config["num_steps"], tuple(self.config.get("lr_boundaries", ()))) == (
+                PAPER_NUM_STEPS, PAPER_BOUNDARIES) and self.config.get("schedule_scale", 1.0) == 1.0:
+            return "paper (64k it)"
+        return f"{self.num_steps:,} it (x{self.num_steps / PAPER_NUM_STEPS:.3g} of paper)"
+
+    @property
+    def last_step(self) -> int:
+        return max([s for s, _ in self.train + self.test], default=0)
+
+    @property
+    def finished(self) -> bool:
+        return self.last_step >= self.num_steps and bool(self.test) and self.test[-1][0] >= self.num_steps
+
+    @property
+    def progress(self) -> str:
+        if self.finished:
+            return "finished"
+        if not self.train and not self.test:
+            return "no metrics yet"
+        return f"in progress: step {self.last_step:,}/{self.num_steps:,}"
+
+    @property
+    def final_test(self) -> float | None:
+        """The last test error logged (the final one when ``finished``)."""
+        return self.test[-1][1] if self.test else None
+
+    @property
+    def final_train(self) -> float | None:
+        if not self.train:
+            return None
+        since = self.train[-1][0] - max(1, FINAL_TRAIN_FRACTION * self.num_steps)
+        tail = [e for s, e in self.train if s > since]
+        return sum(tail) / len(tail)
+
+
+def read_metrics(path: Path) -> tuple[dict[str, list[tuple[int, float]]], int]:
+    """``{split: [(step, error %)]}`` from ``metrics.jsonl``; the last record of a (split, step) wins."""
+    last: dict[tuple[str, int], float] = {}
+    bad = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if "split" in rec and "error" in rec:
+                last[(rec["split"], int(rec["step"]))] = float(rec["error"])
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for (split, step), err in sorted(last.items(), key=lambda kv: kv[0][1]):
+        curves.setdefault(split, []).append((step, err))
+    return curves, bad
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(f"{path} holds no run (no config.json)")
+    curves, bad = read_metrics(path / "metrics.jsonl")
+    return Run(path, json.loads(cfg.read_text()), curves.get("train", []), curves.get("test", []), bad)
+
+
+def collect_runs(paths: list[str | Path]) -> list[Run]:
+    """Runs named by ``paths``: run directories, or folders whose sub-directories are runs (runs set aside
+    by ``--start_over``, ``*.old-*``, are skipped there)."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / "config.json").exists():
+            runs.append(load_run(p))
+            continue
+        subs = sorted(d for d in p.iterdir() if (d / "config.json").exists() and ".old-" not in d.name) \
+            if p.is_dir() else []
+        if not subs:
+            raise FileNotFoundError(f"{p} holds no run (no config.json in it or in its sub-directories)")
+        runs.extend(load_run(d) for d in subs)
+    return runs
+
+
+def dataset_name(config: dict[str, Any]) -> str:
+    """Names the data a run trained on, from its ``data_dir`` (or says that TFDS looked it up)."""
+    d = config.get("data_dir")
+    if d:
+        copy = " (JPEG q75 copy)" if str(Path(d).resolve()).endswith(str(SHARED_COPY)) else ""
+        return f"CIFAR-10{copy}, TFDS data_dir {d}"
+    env = os.environ.get("TFDS_DATA_DIR")
+    now = ""
+    if env:
+        copy = ", the JPEG q75 copy" if str(Path(env).resolve()).endswith(str(SHARED_COPY)) else ""
+        now = f"; $TFDS_DATA_DIR is {env}{copy} where this report was generated"
+    return ("CIFAR-10 via TFDS (data_dir not recorded in config.json: found through $TFDS_DATA_DIR or "
+            f"~/tensorflow_datasets at training time{now})")
+
+
+def schedules_note(runs: list[Run]) -> str | None:
+    kinds = sorted({(r.num_steps, r.boundaries, r.schedule) for r in runs})
+    if len(kinds) < 2:
+        return None
+    shown = "; ".join(f"{s} (lr drops at {', '.join(f'{b:,}' for b in bs)})" for _, bs, s in kinds)
+    return (f"**Mixed schedules**: these runs use {len(kinds)} different schedules ({shown}); errors from "
+            "different schedules are not comparable")
+
+
+# --------------------------------------------------------------------------------------------- Table 6
+
+
+def _fmt(x: float | None, sign: bool = False) -> str:
+    return "–" if x is None else (f"{x:+.2f}" if sign else f"{x:.2f}")
+
+
+def table6_rows(runs: list[Run]) -> list[dict[str, str]]:
+    """One row per (model, schedule): depth, exact params, paper's error, ours, difference, completion."""
+    from resflax.analysis import counts  # noqa: PLC0415 (imports JAX and the models: only when needed)
+    from resflax.models import get_model  # noqa: PLC0415
+
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.model, r.num_steps, r.schedule, r.config.get("shortcut")), []).append(r)
+    fam_order = {"resnet": 0, "plain": 1, "other": 2}
+    rows = []
+    for (model, _, schedule, shortcut), rs in sorted(
+            groups.items(), key=lambda kv: (fam_order[family_depth(kv[0][0])[0]], family_depth(kv[0][0])[1],
+                                            kv[0][0], kv[0][1])):
+        rs = sorted(rs, key=lambda r: r.seed)
+        fam, depth = family_depth(model)
+        params = counts.count(get_model(model, **({"shortcut": shortcut} if shortcut else {})),
+                              counts.input_shape(model))["params"]
+        paper = counts.PAPER.get(model, {}).get("error")
+        done = [r for r in rs if r.finished]
+        # Final errors come from finished runs; only when none has finished do we show the latest (marked).
+        pool, mark = (done, "") if done else ([r for r in rs if r.final_test is not None], " †")
+        vals = [r.final_test for r in pool]
+        if not vals:
+            ours, diff = "–", "–"
+        elif len(vals) == 1:
+            ours, diff = _fmt(vals[0]) + mark, _diff(model, vals[0], None, paper)
+        else:
+            mean, std, best = statistics.mean(vals), statistics.stdev(vals), min(vals)
+            ours = f"{mean:.2f} ± {std:.2f} (best {best:.2f}, n={len(vals)}){mark}"
+            diff = _diff(model, mean, best, paper)
+        if len(rs) == len(done):
+            fin = "yes" if len(rs) == 1 else f"all {len(rs)}"
+        else:
+            left = "; ".join(f"seed {r.seed}: {r.progress.removeprefix('in progress: ')}" for r in rs
+                             if not r.finished)
+            fin = f"no ({left})" if len(rs) == 1 else f"{len(done)} of {len(rs)} ({left})"
+        paper_s = _fmt(paper) if paper is not None else ("– (curves only)" if fam == "plain" else "–")
+        if model == "resnet110":
+            paper_s = f"{paper:.2f} best of 5; {PAPER_110_MEAN[0]:.2f} ± {PAPER_110_MEAN[1]:.2f} mean"
+        rows.append({"model": label(model), "depth": str(depth or "–"), "params": f"{params:,}",
+                     "paper error %": paper_s, "ours: test error %": ours, "ours − paper": diff,
+                     "seeds": ",".join(str(r.seed) for r in rs), "schedule": schedule, "finished": fin})
+    return rows
+
+
+def _diff(model: str, value: float, best: float | None, paper: float | None) -> str:
+    if paper is None:
+        return "–"
+    if model == "resnet110":  # compare like with like: mean with the paper's mean, best with its best
+        out = f"{value - PAPER_110_MEAN[0]:+.2f} vs paper mean"
+        return out + (f"; best {best - paper:+.2f} vs paper best" if best is not None else "")
+    return _fmt(value - paper, sign=True)
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "_no runs_\n"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def table6_markdown(runs: list[Run], dataset: str) -> str:
+    rows = table6_rows(runs)
+    notes = [
+        f"Data: {dataset}. Test error % of the last evaluation (every test image once); with several seeds "
+        "mean ± sample std (n−1) and the best over seeds. Params: exact count of this project's model "
+        "(resflax.analysis.counts). Paper: He et al. (2015), Table 6 (164 epochs, 64k iterations).",
+        "† not final: no run of this row has finished its schedule; the latest test error is shown.",
+    ]
+    if not any("†" in r["ours: test error %"] for r in rows):
+        notes.pop(1)
+    if mixed := schedules_note(runs):
+        notes.append(mixed + ".")
+    return "# Table 6 (CIFAR-10 test error)\n\n" + markdown_table(rows) + "\n" + "\n\n".join(notes) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- Fig. 6
+
+
+def fig6_panels(runs: list[Run]) -> list[tuple[str, str, list[Run]]]:
+    """The paper's panels that these runs fill: ``(file stem, title, runs)``."""
+    by = lambda fam, keep: [r for r in runs if family_depth(r.model)[0] == fam and keep(family_depth(r.model)[1])]
+    panels = [("plain", "plain networks", by("plain", lambda d: True)),
+              ("resnet", "ResNets", by("resnet", lambda d: d != 1202))]
+    if any(family_depth(r.model) == ("resnet", 1202) for r in runs):
+        panels.append(("resnet110_1202", "ResNet-110 vs ResNet-1202", by("resnet", lambda d: d in (110, 1202))))
+    return [p for p in panels if p[2]]
+
+
+def _draw_panel(ax, title: str, runs: list[Run], ymax: float) -> None:
+    from matplotlib.lines import Line2D  # noqa: PLC0415
+
+    runs = sorted(runs, key=lambda r: (family_depth(r.model)[1], r.num_steps, r.seed))
+    mixed = len({r.num_steps for r in runs}) > 1
+    seen: set[tuple[str, int]] = set()
+    handles = []
+    for r in runs:
+        key = (r.model, r.num_steps)
+        first = key not in seen
+        seen.add(key)
+        c, alpha = colour(family_depth(r.model)[1]), 1.0 if first else 0.35
+        if r.train:
+            ax.plot(*zip(*r.train), color=c, lw=0.8, ls="--", alpha=alpha)
+        if r.test:
+            ax.plot(*zip(*r.test), color=c, lw=2.0, alpha=alpha)
+            if not r.finished:  # where an unfinished run stands now
+                ax.plot(*r.test[-1], marker="o", mfc="none", color=c, alpha=alpha)
+        if first:
+            name = label(r.model) + (f" ({r.num_steps:,} it)" if mixed else "")
+            n_seeds = sum(1 for q in runs if (q.model, q.num_steps) == key)
+            name += f", {n_seeds} seeds" if n_seeds > 1 else ""
+            busy = sum(1 for q in runs if (q.model, q.num_steps) == key and not q.finished)
+            name += "" if not busy else " — in progress ○" if n_seeds == 1 else f" — {busy} in progress ○"
+            handles.append(Line2D([], [], color=c, lw=2.0, label=name))
+    if not mixed:
+        for b in runs[0].boundaries:
+            ax.axvline(b, color="0.7", lw=0.6, ls=":")
+    handles += [Line2D([], [], color="k", lw=0.8, ls="--", label="training error"),
+                Line2D([], [], color="k", lw=2.0, label="test error")]
+    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    ax.set(title=title, xlabel="iterations", ylabel="error (%)", ylim=(0, ymax))
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+
+
+def auto_ymax(runs: list[Run]) -> float:
+    """Like the paper's 0–20% where the runs allow; higher (to the next 10) for short or unfinished runs."""
+    finals = [e for r in runs for e in (r.final_test, r.final_train) if e is not None]
+    return float(min(100, max(20, 10 * math.ceil(1.5 * max(finals, default=0) / 10))))
+
+
+def plot_fig6(runs: list[Run], out: Path, ymax: float | None = None) -> list[Path]:
+    """Writes ``fig6.png`` (all panels side by side) and ``fig6_<panel>.png``; returns the paths written."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    panels = fig6_panels(runs)
+    if not panels:
+        return []
+    ymax = ymax or auto_ymax(runs)
+    written = []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (_, title, rs) in zip(axes[0], panels):
+        _draw_panel(ax, title, rs, ymax)
+    fig.tight_layout()
+    fig.savefig(out / "fig6.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "fig6.png")
+    for stem, title, rs in panels:
+        fig, ax = plt.subplots(figsize=(5.2, 4.0))
+        _draw_panel(ax, title, rs, ymax)
+        fig.tight_layout()
+        fig.savefig(out / f"fig6_{stem}.png", dpi=120)
+        plt.close(fig)
+        written.append(out / f"fig6_{stem}.png")
+    return written
+
+
+# --------------------------------------------------------------------------------------------- report.md
+
+
+def findings(runs: list[Run]) -> list[str]:
+    """The paper's qualitative claims, checked on finished runs of one schedule: plain nets train worse when
+    deeper (degradation), ResNets better."""
+    out = []
+    for fam, want in (("plain", "higher"), ("resnet", "lower")):
+        for steps in sorted({r.num_steps for r in runs}):
+            rs = [r for r in runs if family_depth(r.model)[0] == fam and r.finished and r.num_steps == steps]
+            by_depth: dict[int, list[float]] = {}
+            for r in rs:
+                by_depth.setdefault(family_depth(r.model)[1], []).append(r.final_train)
+            if len(by_depth) < 2:
+                continue
+            depths = sorted(by_depth)
+            vals = [statistics.mean(by_depth[d]) for d in depths]
+            shown = ", ".join(f"{label(f'{fam}{d}')} {v:.2f}%" for d, v in zip(depths, vals))
+            got = all(b > a for a, b in zip(vals, vals[1:])) if want == "higher" else \
+                all(b < a for a, b in zip(vals, vals[1:]))
+            out.append(f"- {'Plain nets' if fam == 'plain' else 'ResNets'}, {steps:,} iterations, final training "
+                       f"error by depth: {shown} — deeper is {want} throughout (the paper's finding): "
+                       f"**{'yes' if got else 'no'}**.")
+    return out
+
+
+def runs_table(runs: list[Run]) -> str:
+    rows = [{"run": str(r.path), "model": label(r.model), "seed": str(r.seed),
+             "batch": str(r.config.get("batch_size", "–")), "schedule": r.schedule, "status": r.progress,
+             "final train error %": _fmt(r.final_train), "final test error %": _fmt(r.final_test)}
+            for r in sorted(runs, key=lambda r: (r.model, r.seed, str(r.path)))]
+    return markdown_table(rows)
+
+
+def write_report(runs: list[Run], out: str | Path, command: str, dataset: str | None = None,
+                 ymax: float | None = None) -> dict[str, Path]:
+    """Writes ``fig6*.png``, ``table6.md`` and ``report.md`` into ``out``; returns the paths by name."""
+    import time  # noqa: PLC0415
+
+    import resflax  # noqa: PLC0415
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = dataset or "; ".join(sorted({dataset_name(r.config) for r in runs}))
+    figs = plot_fig6(runs, out, ymax)
+    table = table6_markdown(runs, dataset)
+    (out / "table6.md").write_text(table)
+    unfinished = [r for r in runs if not r.finished]
+    parts = [
+        "# CIFAR-10: degradation curves (Fig. 6) and test errors (Table 6)\n",
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} (resflax {resflax.__version__}); "
+        "do not edit by hand: rerun the command.\n",
+        f"- Data: {dataset}.",
+        f"- Runs: {len(runs)} ({len(runs) - len(unfinished)} finished, {len(unfinished)} in progress or "
+        "without metrics; unfinished runs are drawn up to where they are, ending in ○, and marked in the tables).",
+        "- Schedule: " + (schedules_note(runs) or f"{runs[0].schedule} for every run"
+                          + ("" if runs[0].schedule.startswith("paper") else
+                             ": a scaled schedule (every step count of the paper's scaled alike), not the "
+                             "paper's 64k iterations")) + ".",
+    ]
+    if any(r.bad_lines for r in runs):
+        parts.append(f"- Skipped {sum(r.bad_lines for r in runs)} unreadable metrics line(s) "
+                     "(a line being written while this report read it).")
+    if figs:
+        parts.append("\n## Fig. 6: training error (dashed) and test error (bold) against iterations\n")
+        parts += [f"![{p.stem}]({p.name})" for p in figs[:1]]
+        parts.append("\nPanels on their own: " + ", ".join(f"[{p.name}]({p.name})" for p in figs[1:]) + ".")
+    parts.append("\n" + table.replace("# Table 6", "## Table 6", 1))
+    if found := findings(runs):
+        parts += ["## The paper's findings on these runs\n",
+                  f"Final training error: the mean of the training-error records over the last "
+                  f"{FINAL_TRAIN_FRACTION:.0%} of the iterations.\n", *found]
+    parts += ["\n## Runs\n", runs_table(runs)]
+    (out / "report.md").write_text("\n".join(parts) + "\n")
+    return {"report": out / "report.md", "table6": out / "table6.md", **{p.stem: p for p in figs}}
