@@ -25,7 +25,8 @@ def cmd_report(argv: list[str]) -> int:
     runs = report.collect_runs(args.runs)
     written = report.write_report(runs, args.out, _command("report", argv), args.dataset, args.ymax)
     for r in runs:
-        print(f"{r.path}: {r.model} seed {r.seed}, {r.progress}, test error {report._fmt(r.final_test)}%")
+        err = "none yet" if r.final_test is None else f"{r.final_test:.2f}%"
+        print(f"{r.path}: {r.model} seed {r.seed}, {r.progress}, test error {err}")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
