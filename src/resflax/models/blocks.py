@@ -2,8 +2,9 @@
 
 Every convolution is followed by BatchNorm, then ReLU; convolutions carry no bias; the ReLU of a residual
 block comes after the addition. Each block sows the output of its convolutions after BN and before the
-ReLU/addition into the ``intermediates`` collection (``bn1``, ``bn2``, ...), which is what the paper's
-Fig. 7 (layer responses) measures; sowing is free unless that collection is made mutable.
+ReLU/addition into the ``intermediates`` collection as ``bn1_out``, ``bn2_out``, ... (a sown name may not
+equal a submodule's), which is what the paper's Fig. 7 (layer responses) measures; sowing is free unless
+that collection is made mutable.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class BasicBlock(nn.Module):
     pad_layout: str = "append"
     zero_init_last_bn: bool = False
     barrier: bool = False  # optimisation barrier on the output (see fastops.barrier); numerically a no-op
+    act: Callable = nn.relu  # ReLU implementation (fastops.relu: same values and gradient, cheaper backward)
 
     expansion = 1
 
@@ -97,17 +99,17 @@ class BasicBlock(nn.Module):
         ura = not train
         y = self.conv(self.filters, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
         y = self.norm(name="bn1")(y, use_running_average=ura)
-        self.sow("intermediates", "bn1", y)
-        y = nn.relu(y)
+        self.sow("intermediates", "bn1_out", y)
+        y = self.act(y)
         y = self.conv(self.filters, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
         last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         y = self.norm(name="bn2", scale_init=last_init)(y, use_running_average=ura)
-        self.sow("intermediates", "bn2", y)
+        self.sow("intermediates", "bn2_out", y)
         if self.residual:
             y = y + Shortcut(
                 self.shortcut, self.filters, self.strides, self.conv, self.norm, self.pad_layout, name="shortcut"
             )(x, train)
-        y = nn.relu(y)
+        y = self.act(y)
         return _barrier(y) if self.barrier else y
 
 
@@ -128,6 +130,7 @@ class BottleneckBlock(nn.Module):
     zero_init_last_bn: bool = False
     stride_on_3x3: bool = False
     barrier: bool = False
+    act: Callable = nn.relu
 
     expansion = 4
 
@@ -137,20 +140,20 @@ class BottleneckBlock(nn.Module):
         s1, s3 = (1, self.strides) if self.stride_on_3x3 else (self.strides, 1)
         y = self.conv(self.filters, (1, 1), strides=s1, padding="VALID", name="conv1")(x)
         y = self.norm(name="bn1")(y, use_running_average=ura)
-        self.sow("intermediates", "bn1", y)
-        y = nn.relu(y)
+        self.sow("intermediates", "bn1_out", y)
+        y = self.act(y)
         y = self.conv(self.filters, (3, 3), strides=s3, padding=((1, 1), (1, 1)), name="conv2")(y)
         y = self.norm(name="bn2")(y, use_running_average=ura)
-        self.sow("intermediates", "bn2", y)
-        y = nn.relu(y)
+        self.sow("intermediates", "bn2_out", y)
+        y = self.act(y)
         y = self.conv(self.filters * 4, (1, 1), padding="VALID", name="conv3")(y)
         last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         y = self.norm(name="bn3", scale_init=last_init)(y, use_running_average=ura)
-        self.sow("intermediates", "bn3", y)
+        self.sow("intermediates", "bn3_out", y)
         if self.residual:
             y = y + Shortcut(
                 self.shortcut, self.filters * 4, self.strides, self.conv, self.norm, self.pad_layout,
                 name="shortcut",
             )(x, train)
-        y = nn.relu(y)
+        y = self.act(y)
         return _barrier(y) if self.barrier else y

@@ -50,6 +50,28 @@ barrier.defvjp(_barrier_fwd, _barrier_bwd)
 
 
 # --------------------------------------------------------------------------------------------------------------
+# ReLU whose gradient reads its output (so the pre-activation need not be kept: BN-apply + ReLU fuse into one pass)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def relu(x: Array) -> Array:
+    return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+    y = jnp.maximum(x, 0)
+    return y, y
+
+
+def _relu_bwd(y, g):
+    return (jnp.where(y > 0, g, jnp.zeros((), g.dtype)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # BatchNorm
 # --------------------------------------------------------------------------------------------------------------
 
@@ -82,11 +104,11 @@ def _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name):
 
 def _bn_train_fwd(x, scale, bias, epsilon, axis_name):
     y, mean, var, inv = _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name)
-    return (y, mean, var), (x, scale, mean, inv)
+    return (y, mean, var), (x, scale, mean, var, inv)
 
 
 def _bn_train_bwd(epsilon, axis_name, res, cts):
-    x, scale, mean, inv = res
+    x, scale, mean, var, inv = res
     dy = cts[0]  # the batch statistics are outputs for the running averages only (not differentiated)
     axes = tuple(range(x.ndim - 1))
     dyf = dy.astype(jnp.float32)
@@ -104,11 +126,13 @@ def _bn_train_bwd(epsilon, axis_name, res, cts):
         # statistics over the global batch: the input gradient needs the global means
         m_dy, m_dyx = lax.pmean((m_dy, m_dyx), axis_name)
     m_dyxhat = inv * (m_dyx - mean * m_dy)
-    g = scale.astype(jnp.float32) * inv
-    # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = (x - mean) * inv
-    c1 = g * inv * m_dyxhat
-    c0 = -g * m_dy + c1 * mean
-    dx = (dyf * g - xf * c1 + c0).astype(x.dtype)
+    # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)) with g = scale * inv, xhat = (x - mean) * inv, written
+    # as (dy * scale - x * k1 + k0) * inv so that no full-size broadcast is shared with the forward pass (XLA
+    # would CSE a shared one and write it to memory: a whole extra pass per BN)
+    sc = scale.astype(jnp.float32)
+    k1 = sc * inv * m_dyxhat
+    k0 = k1 * mean - sc * m_dy
+    dx = ((dyf * sc - xf * k1 + k0) * inv).astype(x.dtype)
     return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 

@@ -73,7 +73,8 @@ class ResNet(nn.Module):
       impl: ``"fast"`` (default): ``fastops.Conv``/``fastops.BatchNorm`` with hand-written gradients;
         ``"flax"``: ``nn.Conv``/``nn.BatchNorm``. Same parameters, same numerics up to float rounding.
       barriers: optimisation barrier after every block, so the backward pass reads stored activations
-        instead of recomputing BN/add/ReLU chains (numerically a no-op; see docs/performance.md).
+        instead of recomputing BN/add/ReLU chains (numerically a no-op). Off by default: XLA:CPU removes
+        optimisation barriers before fusion, so they do nothing there (see docs/performance.md).
     """
 
     stage_sizes: Sequence[int]
@@ -93,7 +94,7 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
     impl: str = "fast"
-    barriers: bool = True
+    barriers: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -106,6 +107,7 @@ class ResNet(nn.Module):
         if self.impl not in IMPLS:
             raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
         conv_cls, norm_cls = (fastops.Conv, fastops.BatchNorm) if self.impl == "fast" else (nn.Conv, nn.BatchNorm)
+        relu = fastops.relu if self.impl == "fast" else nn.relu
         conv = functools.partial(
             conv_cls, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal
         )
@@ -124,6 +126,7 @@ class ResNet(nn.Module):
             pad_layout=self.pad_layout,
             zero_init_last_bn=self.zero_init_last_bn,
             barrier=self.barriers,
+            act=relu,
         )
         if self.block == "bottleneck":
             block_kwargs["stride_on_3x3"] = self.stride_on_3x3
@@ -134,8 +137,8 @@ class ResNet(nn.Module):
         else:
             x = conv(self.stem_width, (7, 7), strides=2, padding=((3, 3), (3, 3)), name="stem_conv")(x)
         x = norm(name="stem_bn")(x, use_running_average=not train)
-        self.sow("intermediates", "stem_bn", x)
-        x = nn.relu(x)
+        self.sow("intermediates", "stem_bn_out", x)
+        x = relu(x)
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
