@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pad_layout = "append"  # option-A zero channels after the real ones (fb.resnet.torch); "split" = akamaster
     c.stride_on_3x3 = False
     c.zero_init_last_bn = False
+    c.impl = ml_collections.config_dict.placeholder(str)  # layer implementation: "fast" (default) or "flax"
     c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters and BN statistics
 
     c.dataset = "cifar10"

@@ -61,8 +61,9 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
     overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
                      zero_init_last_bn=config.zero_init_last_bn, dtype=DTYPES[config.dtype],
                      bn_axis_name=step_lib.AXIS if config.bn_sync else None)
-    if config.shortcut is not None:
-        overrides["shortcut"] = config.shortcut
+    for key in ("shortcut", "impl"):
+        if config.get(key) is not None:
+            overrides[key] = config[key]
     model = get_model(config.model, **overrides)
     if model.stem != "cifar":
         raise ValueError(f"model {config.model!r} is an ImageNet model; CIFAR-10 needs a CIFAR model")
