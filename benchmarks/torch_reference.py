@@ -34,7 +34,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -1,6 +1,5 @@
 """The speed-optimised layers and step match straightforward references within float tolerance."""
 
-import functools
 import json
 import os
 import subprocess

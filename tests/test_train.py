@@ -9,12 +9,12 @@ from pathlib import Path
 import jax
 import pytest
 import tensorflow_datasets as tfds
+from test_schedules import load_experiment
 
 from resflax.models import get_model
 from resflax.train import loop
 from resflax.train import state as state_lib
 from resflax.train import workdir as wd
-from test_schedules import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = os.environ.get("TFDS_DATA_DIR")

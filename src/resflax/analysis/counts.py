@@ -1,7 +1,8 @@
 """Parameter and multiply-add counts of a model, computed from the model's own definition.
 
 Multiply-adds are counted for convolutions and fully-connected layers (as in the paper's Table 1), by
-intercepting each convolution (any module with ``kernel_size`` and ``features``) and ``nn.Dense`` call during an abstract (shape-only) forward pass.
+intercepting each convolution (any module with ``kernel_size`` and ``features``) and ``nn.Dense`` call
+during an abstract (shape-only) forward pass.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ PAPER = {
     "resnet50": dict(params=25_557_032, mult_adds=3.8e9),
     "resnet101": dict(params=44_549_160, mult_adds=7.6e9),
     "resnet152": dict(params=60_192_808, mult_adds=11.3e9),
-    **{f"plain{d}": dict(params=p) for d, p in ((20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018), (110, 1_727_962))},
+    # Plain nets: the same counts as the option-A ResNets (PAPER.md Sec. 4).
+    **{f"plain{d}": dict(params=p)
+       for d, p in ((20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018), (110, 1_727_962))},
     "plain18": dict(mult_adds=1.8e9),
     "plain34": dict(mult_adds=3.6e9),
 }
