@@ -12,7 +12,14 @@ endif
 
 CIFAR_MODELS := resnet20 resnet32 resnet44 resnet56 resnet110 resnet1202 plain20 plain32 plain44 plain56 plain110
 
-.PHONY: venv test test-fast lint demo data summary bench clean $(addprefix cifar-,$(CIFAR_MODELS))
+DEGRADATION := plain20 plain32 plain44 plain56 plain110 resnet20 resnet32 resnet44 resnet56 resnet110
+TABLE6      := resnet20 resnet32 resnet44 resnet56 resnet1202
+STUDY       := plain20 resnet20 plain56 resnet56
+STUDY_SCALE ?= 0.02
+rundir = runs/cifar-$(1)$(if $(filter-out 1.0,$(SCHEDULE)),-s$(SCHEDULE))
+
+.PHONY: venv test test-fast lint demo data summary bench clean cifar-degradation cifar-table6 study \
+	$(addprefix cifar-,$(CIFAR_MODELS))
 
 venv: $(STAMP)
 
@@ -46,7 +53,27 @@ demo: data
 
 # The paper's recipe (64k iterations) for each CIFAR-10 model; SCHEDULE=0.1 scales every step count.
 $(addprefix cifar-,$(CIFAR_MODELS)): cifar-%: data
-	$(BIN)/resflax train --config=experiments/cifar10.py:$*,scale=$(SCHEDULE) --workdir=runs/cifar-$*$(if $(filter-out 1.0,$(SCHEDULE)),-s$(SCHEDULE)) $(ARGS)
+	$(BIN)/resflax train --config=experiments/cifar10.py:$*,scale=$(SCHEDULE) --workdir=$(call rundir,$*) $(ARGS)
+
+# Fig. 6 (plain vs residual at 20..110 layers) and Table 6 (ResNet-20..1202, ResNet-110 over 5 seeds).
+# One workdir per run: spread them over machines, or rerun to resume. SCHEDULE=0.1 scales every step count.
+cifar-degradation: data
+	for m in $(DEGRADATION); do $(MAKE) --no-print-directory cifar-$$m || exit 1; done
+	$(BIN)/resflax report $(foreach m,$(DEGRADATION),$(call rundir,$(m))) --out $(call rundir,degradation-report)
+
+cifar-table6: data
+	for m in $(TABLE6); do $(MAKE) --no-print-directory cifar-$$m || exit 1; done
+	for s in 0 1 2 3 4; do $(BIN)/resflax train --config=experiments/cifar10.py:resnet110,seed=$$s,scale=$(SCHEDULE) \
+	  --workdir=$(call rundir,resnet110-seed$$s) $(ARGS) || exit 1; done
+	$(BIN)/resflax report $(foreach m,$(TABLE6),$(call rundir,$(m))) $(foreach s,0 1 2 3 4,$(call rundir,resnet110-seed$(s))) \
+	  --out $(call rundir,table6-report)
+
+# The short CPU study committed under docs/study: plain/ResNet at 20 and 56 layers, schedule x STUDY_SCALE.
+study: data
+	for m in $(STUDY); do $(BIN)/resflax train --config=experiments/cifar10.py:$$m,scale=$(STUDY_SCALE) \
+	  --workdir=runs/study/$$m --config.progress=False $(ARGS) || exit 1; done
+	$(BIN)/resflax report $(addprefix runs/study/,$(STUDY)) --out docs/study
+	$(BIN)/resflax responses --workdir $(addprefix runs/study/,$(STUDY)) --out docs/study
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
