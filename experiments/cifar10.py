@@ -62,6 +62,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.bn_sync = False  # True: BN statistics over the global batch (identical for any device count)
     c.num_devices = 0  # 0 = all local devices
 
+    # Multi-process (one process per host): "auto" lets JAX detect TPU pods/SLURM; or give the coordinator
+    # explicitly (also from RESFLAX_COORDINATOR, RESFLAX_NUM_PROCESSES, RESFLAX_PROCESS_ID). None: one process.
+    c.distributed = ml_collections.config_dict.placeholder(str)
+    c.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0
+    c.num_processes = ml_collections.config_dict.placeholder(int)
+    c.process_id = ml_collections.config_dict.placeholder(int)
+
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.eval_every_steps = 0  # 0 = once per epoch

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import tensorflow_datasets as tfds
 from test_schedules import load_experiment
 
 from resflax.models import get_model
-from resflax.train import loop
+from resflax.train import evaluate, loop
 from resflax.train import state as state_lib
 from resflax.train import workdir as wd
 
@@ -46,17 +47,55 @@ def test_resume_is_bit_exact(tmp_path):
     # metrics.jsonl of the resumed run equals the uninterrupted one line for line (img/s aside)
     def lines(d):
         rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows if r.get("event") != "data"]
     assert lines("b") == lines("a")
+    # each (re)start records the data it used
+    data = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    data = [r for r in data if r.get("event") == "data"]
+    assert [r["step"] for r in data] == [0, 3] and data[0]["train"] == data[0]["test"] == 64
+    assert data[0]["data_dir"]
     assert sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+
+def _ckpt_steps(workdir):
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
 def test_divergence_guard(tmp_path):
     with mock():
-        with pytest.raises(loop.DivergenceError, match=r"non-finite .* at step [12]\b"):
+        with pytest.raises(loop.DivergenceError, match=r"non-finite .* at step \d+; last good") as ei:
             loop.train_and_evaluate(tiny_config(base_lr=1e38, checkpoint_every_steps=1), str(tmp_path))
-    ckpts = tmp_path / "checkpoints"
-    assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+    bad = int(re.search(r"at step (\d+)", str(ei.value)).group(1))
+    assert bad <= 3
+    assert all(s < bad for s in _ckpt_steps(tmp_path))  # nothing at or after the bad step was saved
+
+
+@pytest.mark.parametrize("poison_after,what,at", [(4, "loss", 5), (6, "parameters", 6)])
+def test_divergence_keeps_the_earlier_good_checkpoint(tmp_path, monkeypatch, poison_after, what, at):
+    """NaN parameters after step ``poison_after``: the loss at the next step (or the save at step 6) catches it;
+    checkpoint 3 survives and restores (its digest is verified on restore)."""
+    orig = loop.step_lib.make_train_step
+
+    def poisoned(*a, **k):
+        f = orig(*a, **k)
+
+        def step(state, *args):
+            state, m = f(state, *args)
+            if int(state.step) == poison_after:
+                state = state.replace(params=jax.tree_util.tree_map(lambda x: x * jax.numpy.nan, state.params))
+            return state, m
+        return step
+
+    cfg = dict(num_steps=9, checkpoint_every_steps=3, log_every_steps=100, eval_every_steps=100)
+    with mock():
+        good = loop.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path / "ref"))
+        monkeypatch.setattr(loop.step_lib, "make_train_step", poisoned)
+        with pytest.raises(loop.DivergenceError, match=rf"non-finite {what} at step {at};"):
+            loop.train_and_evaluate(tiny_config(**cfg), str(tmp_path / "w"))
+        assert _ckpt_steps(tmp_path / "w") == [3]
+        _, _, state = evaluate.restore(tmp_path / "w")
+    assert int(state.step) == 3 and state_lib.state_digest(state) == good["state_digest"]
 
 
 def test_weight_decay_mask_reaches_the_stated_leaves():

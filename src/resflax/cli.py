@@ -52,11 +52,15 @@ def cmd_train(argv: list[str]) -> int:
     from ml_collections import config_flags  # noqa: PLC0415
 
     fl = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]", lock_config=True, flag_values=fl)
+    full_argv = ["resflax train", *argv]
+    # sys_argv: the --config.KEY overrides are read from this argv, not from sys.argv, so that
+    # main(["train", ..., "--config.batch_size=16"]) works from Python.
+    config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]", lock_config=True, flag_values=fl,
+                                    sys_argv=full_argv)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)", flag_values=fl)
     flags.DEFINE_bool("start_over", False, "move an existing run in workdir aside and start fresh", flag_values=fl)
     try:
-        fl(["resflax train", *argv])
+        fl(full_argv)
     except flags.Error as e:
         return _fail(str(e).splitlines()[0])
     except (ValueError, KeyError, AttributeError, TypeError) as e:
@@ -137,17 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         return _fail(f"unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}")
     from resflax.data.cifar10 import DataError  # noqa: PLC0415
+    from resflax.train.checkpoint import CheckpointError  # noqa: PLC0415
     from resflax.train.loop import DivergenceError  # noqa: PLC0415
     from resflax.train.workdir import WorkdirError  # noqa: PLC0415
 
     try:
         return COMMANDS[cmd](rest)
-    except (ValueError, DataError, WorkdirError, FileNotFoundError) as e:
+    except (ValueError, DataError, WorkdirError, FileNotFoundError, CheckpointError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except DivergenceError as e:
-        return _fail(str(e)) or 3
+        _fail(str(e))
+        return 3
     except KeyboardInterrupt:
-        return _fail("interrupted") or 130
+        _fail("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,meta}``; ``state`` is the TrainState
 (``StandardSave``), ``meta`` a JSON dict (config, digest, ...). Orbax writes each step into a temporary
 directory and renames it when complete, so a kill mid-save leaves no half checkpoint among the steps. A
 checkpoint that fails to restore (truncated or corrupted files) is moved to
-``WORKDIR/checkpoints_damaged/`` (never deleted) with a one-line warning, and the previous one is tried.
+``WORKDIR/checkpoints_damaged/`` (never deleted) with a one-line warning, and the previous one is tried;
+``meta`` carries the state's digest, so silently corrupted bytes count as damage too. When every checkpoint
+is damaged the run starts from step 0 (training is deterministic, so it reproduces the same states; the
+damaged ones stay in ``checkpoints_damaged/`` for inspection). A save that fails (disk full, not writable)
+raises ``CheckpointError`` naming the step; Orbax's temporary directory is never taken for a checkpoint,
+so the previous checkpoint stays the latest valid one, and stale temporary directories are removed on the
+next start. Checkpoints are tensorstore arrays and JSON: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -18,7 +24,26 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from resflax.train import distributed
+from resflax.train import state as state_lib
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, workdir not writable, ...)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
@@ -33,14 +58,28 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        """Starts an (asynchronous) save of ``state`` at ``step``; a failure raises ``CheckpointError`` here or
+        from the next ``save``/``wait``."""
+        try:
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 (also a failure of the previous, asynchronous save)
+            raise self._save_error(step, e) from e
+
+    def _save_error(self, step: int, err: BaseException) -> CheckpointError:
+        latest = [s for s in self.steps() if s < step]
+        kept = f"; the latest valid checkpoint is step {latest[-1]}" if latest else ""
+        return CheckpointError(f"cannot write checkpoint {step} in {self.dir}: {_first_line(err)}{kept}")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step = self.manager.latest_step()
+            raise self._save_error((step or 0) + 1, e) from e
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores cleanly, as ``(state, meta)``; ``None`` if there is none."""
@@ -54,9 +93,14 @@ class Checkpointer:
                 )
                 state = out["state"]
                 jax.block_until_ready(state)
-                if int(jax.device_get(state.step)) != step:
-                    raise ValueError(f"step inside checkpoint is {int(state.step)}, not {step}")
-                return state, dict(out["meta"])
+                meta = dict(out["meta"])
+                inner = int(distributed.to_host(state.step))
+                if inner != step:
+                    raise ValueError(f"step inside checkpoint is {inner}, not {step}")
+                want = meta.get("state_digest")
+                if want and state_lib.state_digest(distributed.to_host(state)) != want:
+                    raise ValueError("parameters differ from the digest written with them")
+                return state, meta
             except Exception as e:  # noqa: BLE001 (any failure to read means: set it aside)
                 self._set_aside(step, e)
         return None
@@ -65,13 +109,18 @@ class Checkpointer:
         src = self.dir / str(step)
         self.damaged_dir.mkdir(parents=True, exist_ok=True)
         dst = self.damaged_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        log.warning("checkpoint %s is damaged (%s); moved to %s, trying the previous one", step, msg, dst)
-        print(f"WARNING: checkpoint {step} is damaged ({msg}); moved to {dst}", flush=True)
-        if jax.process_index() == 0 and src.exists():
-            shutil.move(str(src), str(dst))
+        msg = _first_line(err)
+        log.info("checkpoint %s could not be restored", step, exc_info=err)
+        if jax.process_index() == 0:
+            print(f"WARNING: checkpoint {step} is damaged ({msg}); moved to {dst}, trying the previous one",
+                  flush=True)
+            if src.exists():
+                shutil.move(str(src), str(dst))
+        _barrier(f"resflax-set-aside-{step}")
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

@@ -39,8 +39,14 @@ def maybe_initialize(config: Any = None) -> bool:
     except Exception:  # noqa: BLE001 (a JAX without the option)
         pass
     if addr:
-        n = int(get("num_processes", "RESFLAX_NUM_PROCESSES"))
-        pid = int(get("process_id", "RESFLAX_PROCESS_ID"))
+        try:
+            n = int(get("num_processes", "RESFLAX_NUM_PROCESSES"))
+            pid = int(get("process_id", "RESFLAX_PROCESS_ID"))
+        except (TypeError, ValueError):
+            raise ValueError(f"coordinator_address {addr!r} needs num_processes and process_id (config or "
+                             "RESFLAX_NUM_PROCESSES/RESFLAX_PROCESS_ID)") from None
+        if not 0 <= pid < n:
+            raise ValueError(f"process_id {pid} is not in [0, {n})")
         jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
     else:
         jax.distributed.initialize()

@@ -15,6 +15,7 @@ from resflax.train import loop
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 from resflax.train.checkpoint import Checkpointer
+from resflax.train.distributed import to_host
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -53,6 +54,6 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None) -> dict[s
     mean = step_lib.replicate(data.mean, p.mesh)
     eval_step = step_lib.make_eval_step(p.model, p.mesh)
     r = step_lib.evaluate(eval_step, state, data.test.images, data.test.labels, mean, config.eval_batch_size, p.mesh)
-    return {"workdir": str(workdir), "model": config.model, "step": int(jax.device_get(state.step)),
+    return {"workdir": str(workdir), "model": config.model, "step": int(to_host(state.step)),
             "test_error": r["error"], "test_loss": r["loss"], "test_examples": r["count"],
-            "state_digest": state_lib.state_digest(state)}
+            "state_digest": state_lib.state_digest(to_host(state))}

@@ -22,11 +22,12 @@ import numpy as np
 
 from resflax.data import cifar10
 from resflax.models import get_model
-from resflax.train import schedules
+from resflax.train import distributed, schedules
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 from resflax.train import workdir as wd
 from resflax.train.checkpoint import Checkpointer
+from resflax.train.distributed import to_host
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -88,8 +89,12 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
     return Plan(model, mesh, num_steps, boundaries, step_cfg, data_dir)
 
 
+def _all_finite(host_tree) -> bool:
+    return all(bool(np.all(np.isfinite(x))) for x in jax.tree_util.tree_leaves(host_tree))
+
+
 class _Preemption:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit cleanly."""
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit cleanly; a second signal gives up at once."""
 
     def __init__(self):
         self.requested = False
@@ -113,39 +118,53 @@ class _Preemption:
             signal.signal(sig, old)
 
 
-def _all_finite(tree) -> bool:
-    return bool(jax.device_get(jax.tree_util.tree_reduce(
-        lambda a, x: a & jnp.all(jnp.isfinite(x)), tree, jnp.asarray(True))))
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict[str, Any]:
-    """Trains (or resumes) the run in ``workdir`` and returns its final ``step``, ``test_error``, ``state_digest``."""
+    """Trains (or resumes) the run in ``workdir`` and returns its final ``step``, ``test_error``, ``state_digest``.
+
+    Multi-process (``distributed``/``coordinator_address`` in the config or ``RESFLAX_*`` in the environment):
+    every process calls this with the same arguments; process 0 alone takes the workdir lock and writes
+    ``config.json``, metrics and messages; all of them write and read the checkpoints together.
+    """
+    distributed.maybe_initialize(config)
     p = plan(config)
     cfg_dict = json.loads(config.to_json())
-    path = wd.prepare(workdir)
-    lock = wd.Lock(path)
-    lock.acquire()
-    try:
-        if start_over:
-            moved = wd.set_aside(path)
-            if moved:
-                print(f"moved the previous run to {moved}")
-            lock.release()
-            lock.acquire()
-        wd.check_experiment(path, cfg_dict)
-        return _run(config, cfg_dict, p, path)
-    finally:
-        lock.release()
-
-
-def _run(config, cfg_dict, p: Plan, path: Path) -> dict[str, Any]:
     is_main = jax.process_index() == 0
+    path = wd.prepare(workdir)
+    lock = wd.Lock(path) if is_main else None
+    with _Preemption() as pre:
+        try:
+            if lock is not None:
+                lock.acquire()
+                if start_over:
+                    moved = wd.set_aside(path)
+                    if moved:
+                        print(f"moved the previous run to {moved}", flush=True)
+                    lock.release()
+                    lock.acquire()
+            _barrier("resflax-workdir-ready")
+            wd.check_experiment(path, cfg_dict)
+            return _run(config, cfg_dict, p, path, pre)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
+    say = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
     if is_main and not (path / "config.json").exists():
-        (path / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+        wd.write_json_atomic(path / "config.json", cfg_dict)
     t0 = time.time()
     data = cifar10.load(p.data_dir, config.val_examples)
-    print(f"CIFAR-10 from {data.data_dir}: {len(data.train)} train / {len(data.test)} test"
-          + (f" / {len(data.val)} val" if data.val else "") + f" (decoded in {time.time() - t0:.1f}s)", flush=True)
+    say(f"CIFAR-10 from {data.data_dir}: {len(data.train)} train / {len(data.test)} test"
+        + (f" / {len(data.val)} val" if data.val else "") + f" (decoded in {time.time() - t0:.1f}s)")
 
     tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
                               weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
@@ -158,10 +177,10 @@ def _run(config, cfg_dict, p: Plan, path: Path) -> dict[str, Any]:
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         state, _ = restored
-        print(f"resumed from step {int(state.step)}", flush=True)
+        say(f"resumed from step {int(to_host(state.step))}")
     else:
         state = step_lib.replicate(init, p.mesh)
-    start = int(jax.device_get(state.step))
+    start = int(to_host(state.step))
 
     train_x, train_y, mean = step_lib.replicate((data.train.images, data.train.labels, data.mean), p.mesh)
     train_step = step_lib.make_train_step(p.model, tx, p.step_cfg, p.mesh)
@@ -169,6 +188,9 @@ def _run(config, cfg_dict, p: Plan, path: Path) -> dict[str, Any]:
     steps_per_epoch = len(data.train) // config.batch_size
     eval_every = config.eval_every_steps or steps_per_epoch
     writer = wd.MetricsWriter(path, enabled=is_main, resume_step=start)
+    writer.write({"step": start, "event": "data", "data_dir": data.data_dir, "train": len(data.train),
+                  "test": len(data.test), "val": len(data.val) if data.val else 0,
+                  "processes": jax.process_count(), "devices": int(p.mesh.size)})
 
     def run_eval(s, step):
         out = {}
@@ -182,18 +204,19 @@ def _run(config, cfg_dict, p: Plan, path: Path) -> dict[str, Any]:
         return out
 
     def save(s, step):
-        if not _all_finite(s.params):
+        host = to_host(s)
+        if not _all_finite((host.params, host.batch_stats)):
             raise DivergenceError(f"non-finite parameters at step {step}; last good checkpoint kept")
-        ckpt.save(step, s, {"config": cfg_dict, "step": step})
+        ckpt.save(step, s, {"config": cfg_dict, "step": step, "state_digest": state_lib.state_digest(host)})
 
     pending: list[tuple[int, Any]] = []
     last_eval: dict[str, float] = {}
-    warm_logged = bool(restored and not bool(jax.device_get(state.warmup_active)))
+    warm_logged = bool(restored and not bool(to_host(state.warmup_active)))
     bar = _progress(config, start, p.num_steps)
     t_last, n_last = time.time(), start
-    with _Preemption() as pre:
-        step = start
-        while step < p.num_steps:
+    step = start
+    try:
+        while step < p.num_steps and not pre.requested:
             state, metrics = train_step(state, train_x, train_y, mean)
             step += 1
             pending.append((step, metrics))
@@ -201,7 +224,7 @@ def _run(config, cfg_dict, p: Plan, path: Path) -> dict[str, Any]:
             do_eval = step % eval_every == 0 or step == p.num_steps
             do_save = step % config.checkpoint_every_steps == 0 or step == p.num_steps or pre.requested
             if boundary_log or do_eval or do_save:
-                fetched = jax.device_get(pending)
+                fetched = to_host(pending)
                 pending.clear()
                 now = time.time()
                 ips = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
@@ -214,11 +237,11 @@ def _run(config, cfg_dict, p: Plan, path: Path) -> dict[str, Any]:
                        "error": 100.0 * float(np.mean([f[1]["error"] for f in fetched])), "lr": float(m["lr"]),
                        "epoch": s_i / steps_per_epoch, "img_per_s": ips}
                 writer.write(rec)
-                if not warm_logged and config.warmup and not bool(jax.device_get(state.warmup_active)):
-                    sw = int(jax.device_get(state.warmup_switch_step))
+                if not warm_logged and config.warmup and not bool(to_host(state.warmup_active)):
+                    sw = int(to_host(state.warmup_switch_step))
                     writer.write({"step": sw, "event": "warmup_end"})
-                    print(f"warm-up ended: training error below {100 * config.warmup_until_error:.0f}%, "
-                          f"lr back to {config.base_lr} from step {sw}", flush=True)
+                    say(f"warm-up ended: training error below {100 * config.warmup_until_error:.0f}%, "
+                        f"lr back to {config.base_lr} from step {sw}")
                     warm_logged = True
                 if bar is not None:
                     bar.set_postfix_str(f"ep {rec['epoch']:.1f} {ips:.0f} img/s loss {rec['loss']:.3f} "
@@ -230,18 +253,23 @@ def _run(config, cfg_dict, p: Plan, path: Path) -> dict[str, Any]:
                 save(state, step)
             if bar is not None:
                 bar.update(1)
-            if pre.requested:
-                ckpt.wait()
-                print(f"stopped by signal at step {step}; checkpoint written, rerun the same command to resume",
-                      flush=True)
-                break
+        ckpt.wait()
+    except BaseException:
+        # Saves already started hold good states: let them finish, then report the first error.
+        try:
+            ckpt.close()
+        except Exception:  # noqa: BLE001
+            pass
+        writer.close()
+        raise
     if bar is not None:
         bar.close()
-    ckpt.wait()
-    final_step = int(jax.device_get(state.step))
+    if pre.requested:
+        say(f"stopped by signal at step {step}; checkpoint written, rerun the same command to resume")
+    final_step = int(to_host(state.step))
     if final_step >= p.num_steps and "test" not in last_eval:
         last_eval = run_eval(state, final_step)
-    digest = state_lib.state_digest(state)
+    digest = state_lib.state_digest(to_host(state))
     result = {"step": final_step, "test_error": last_eval.get("test"), "state_digest": digest,
               "finished": final_step >= p.num_steps}
     if "val" in last_eval:

@@ -13,7 +13,7 @@ from typing import Any
 # Config keys that may change between a run and its resumption without making it another experiment.
 RESUMABLE_KEYS = frozenset(
     {"data_dir", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress", "eval_every_steps",
-     "eval_batch_size", "num_steps"}
+     "eval_batch_size", "num_steps", "distributed", "coordinator_address", "num_processes", "process_id"}
 )
 
 
@@ -59,6 +59,24 @@ def prepare(workdir: str | Path) -> Path:
     return path
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes ``obj`` as JSON via a temporary file and a rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:  # a line torn by a kill mid-write
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def identity(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
 
@@ -68,7 +86,10 @@ def check_experiment(workdir: Path, config: dict[str, Any]) -> None:
     f = workdir / "config.json"
     if not f.exists():
         return
-    old = json.loads(f.read_text())
+    try:
+        old = json.loads(f.read_text())
+    except ValueError:
+        raise WorkdirError(f"{f} is not valid JSON; move it away or pass --start_over") from None
     a, b = identity(old), identity(json.loads(json.dumps(config)))
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
@@ -99,9 +120,10 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            # Drop lines written after the checkpoint we resume from: they will be written again, identically.
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
-                    json.loads(ln).get("step", 0) <= resume_step]
+            # Drop lines written after the checkpoint we resume from (they will be written again, identically)
+            # and lines torn by a kill mid-write.
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if (r := _parse(ln)) is not None and r.get("step", 0) <= resume_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(k + "\n" for k in keep))
             tmp.replace(self.path)
