@@ -61,15 +61,21 @@ def cmd_train(argv: list[str]) -> int:
     flags.DEFINE_bool("start_over", False, "move an existing run in workdir aside and start fresh", flag_values=fl)
     try:
         fl(full_argv)
+        config = fl.config
+        if config is not None:
+            config.to_dict()  # a config file that failed to load raises on first use
     except flags.Error as e:
         return _fail(str(e).splitlines()[0])
+    except OSError as e:  # the config file is missing or unreadable: name it
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        return _fail(f"bad config: {next((ln for ln in lines if 'Errno' in ln), lines[0] if lines else e)}")
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         return _fail(f"bad config: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    if fl.config is None or fl.workdir is None:
+    if config is None or fl.workdir is None:
         return _fail("--config and --workdir are required")
     from resflax.train.loop import train_and_evaluate  # noqa: PLC0415
 
-    result = train_and_evaluate(fl.config, fl.workdir, start_over=fl.start_over)
+    result = train_and_evaluate(config, fl.workdir, start_over=fl.start_over)
     if result["test_error"] is not None and result["finished"]:
         print(f"final test error: {result['test_error']:.2f}% (step {result['step']}, "
               f"state_digest {result['state_digest'][:16]})")

@@ -5,7 +5,7 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,meta}``; ``state`` is the TrainState
 directory and renames it when complete, so a kill mid-save leaves no half checkpoint among the steps. A
 checkpoint that fails to restore (truncated or corrupted files) is moved to
 ``WORKDIR/checkpoints_damaged/`` (never deleted) with a one-line warning, and the previous one is tried;
-``meta`` carries the state's digest, so silently corrupted bytes count as damage too. When every checkpoint
+``meta`` carries a digest of every leaf, so silently corrupted bytes count as damage too. When every checkpoint
 is damaged the run starts from step 0 (training is deterministic, so it reproduces the same states; the
 damaged ones stay in ``checkpoints_damaged/`` for inspection). A save that fails (disk full, not writable)
 raises ``CheckpointError`` naming the step; Orbax's temporary directory is never taken for a checkpoint,
@@ -15,6 +15,7 @@ next start. Checkpoints are tensorstore arrays and JSON: nothing is ever unpickl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from resflax.train import distributed
-from resflax.train import state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,34 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def tree_digest(host_tree: Any) -> str:
+    """SHA-256 over every leaf (path, dtype, shape, bytes) of a host pytree: params, optimizer state, step..."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(host_tree)[0]:
+        arr = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
 class Checkpointer:
     def __init__(self, workdir: str | Path, keep: int = 3):
         self.dir = Path(workdir).absolute() / "checkpoints"
         self.damaged_dir = Path(workdir).absolute() / "checkpoints_damaged"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "meta"))
+        self._started = 0  # the step of the latest save started (an asynchronous failure belongs to it)
 
     def steps(self) -> list[int]:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
+    def save(self, step: int, state: Any, meta: dict, host_state: Any = None) -> None:
         """Starts an (asynchronous) save of ``state`` at ``step``; a failure raises ``CheckpointError`` here or
-        from the next ``save``/``wait``."""
+        from the next ``save``/``wait``. ``meta`` gets a digest of every leaf, checked on restore."""
+        host_state = distributed.to_host(state) if host_state is None else host_state
+        meta = {**meta, "tree_digest": tree_digest(host_state)}
         try:
             self.manager.save(
                 int(step),
@@ -68,18 +83,21 @@ class Checkpointer:
             )
         except Exception as e:  # noqa: BLE001 (also a failure of the previous, asynchronous save)
             raise self._save_error(step, e) from e
+        self._started = int(step)
 
     def _save_error(self, step: int, err: BaseException) -> CheckpointError:
-        latest = [s for s in self.steps() if s < step]
-        kept = f"; the latest valid checkpoint is step {latest[-1]}" if latest else ""
+        try:
+            latest = [s for s in self.steps() if s < step]
+        except Exception:  # noqa: BLE001
+            latest = []
+        kept = f"; the latest valid checkpoint is step {latest[-1]}" if latest else "; no checkpoint written yet"
         return CheckpointError(f"cannot write checkpoint {step} in {self.dir}: {_first_line(err)}{kept}")
 
     def wait(self) -> None:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            step = self.manager.latest_step()
-            raise self._save_error((step or 0) + 1, e) from e
+            raise self._save_error(self._started, e) from e
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores cleanly, as ``(state, meta)``; ``None`` if there is none."""
@@ -97,9 +115,9 @@ class Checkpointer:
                 inner = int(distributed.to_host(state.step))
                 if inner != step:
                     raise ValueError(f"step inside checkpoint is {inner}, not {step}")
-                want = meta.get("state_digest")
-                if want and state_lib.state_digest(distributed.to_host(state)) != want:
-                    raise ValueError("parameters differ from the digest written with them")
+                want = meta.get("tree_digest")
+                if want and tree_digest(distributed.to_host(state)) != want:
+                    raise ValueError("contents differ from the digest written with them")
                 return state, meta
             except Exception as e:  # noqa: BLE001 (any failure to read means: set it aside)
                 self._set_aside(step, e)

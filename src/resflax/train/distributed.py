@@ -30,14 +30,12 @@ def maybe_initialize(config: Any = None) -> bool:
 
     addr = get("coordinator_address", "RESFLAX_COORDINATOR")
     mode = config.get("distributed") if config is not None and hasattr(config, "get") else None
-    if not addr and mode != "auto":
+    mode = mode or os.environ.get("RESFLAX_DISTRIBUTED")
+    if mode not in (None, "", "auto", "off"):
+        raise ValueError(f"distributed must be 'auto', 'off' or unset, got {mode!r}")
+    if mode == "off" or (not addr and mode != "auto"):
         return False
-    # CPU processes need a collectives implementation for cross-process pmean (no effect on GPU/TPU).
-    # Must be set before the backend starts, so no jax.devices()/default_backend() call precedes it.
-    try:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except Exception:  # noqa: BLE001 (a JAX without the option)
-        pass
+    kw = {}
     if addr:
         try:
             n = int(get("num_processes", "RESFLAX_NUM_PROCESSES"))
@@ -47,9 +45,14 @@ def maybe_initialize(config: Any = None) -> bool:
                              "RESFLAX_NUM_PROCESSES/RESFLAX_PROCESS_ID)") from None
         if not 0 <= pid < n:
             raise ValueError(f"process_id {pid} is not in [0, {n})")
-        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
-    else:
-        jax.distributed.initialize()
+        kw = dict(coordinator_address=addr, num_processes=n, process_id=pid)
+    # CPU processes need a collectives implementation for cross-process pmean (no effect on GPU/TPU).
+    # Must be set before the backend starts, so no jax.devices()/default_backend() call precedes it.
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # noqa: BLE001 (a JAX without the option)
+        pass
+    jax.distributed.initialize(**kw)
     _initialized = True
     return jax.process_count() > 1
 

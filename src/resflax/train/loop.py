@@ -203,11 +203,15 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
                           "epoch": step / steps_per_epoch})
         return out
 
+    saved = [start]
+
     def save(s, step):
         host = to_host(s)
         if not _all_finite((host.params, host.batch_stats)):
             raise DivergenceError(f"non-finite parameters at step {step}; last good checkpoint kept")
-        ckpt.save(step, s, {"config": cfg_dict, "step": step, "state_digest": state_lib.state_digest(host)})
+        ckpt.save(step, s, {"config": cfg_dict, "step": step, "state_digest": state_lib.state_digest(host)},
+                  host_state=host)
+        saved[0] = step
 
     pending: list[tuple[int, Any]] = []
     last_eval: dict[str, float] = {}
@@ -253,6 +257,8 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
                 save(state, step)
             if bar is not None:
                 bar.update(1)
+        if pre.requested and step > start and saved[0] != step:  # the signal came after this step's save check
+            save(state, step)
         ckpt.wait()
     except BaseException:
         # Saves already started hold good states: let them finish, then report the first error.
