@@ -94,6 +94,21 @@ def prepare(data_dir: str | None = None) -> str:
     return find_data_dir(target)
 
 
+def locate(data_dir: str | None = None, download: bool = True) -> str:
+    """``find_data_dir``, and when nothing holds CIFAR-10 and TensorFlow is installed (the ``prepare``
+    extra, which ``make data`` installs), downloads and prepares it once into the first candidate dir."""
+    try:
+        return find_data_dir(data_dir)
+    except DataError:
+        if not download:
+            raise
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("tensorflow") is None:
+            raise
+    return prepare(data_dir)
+
+
 def _decode(source) -> Split:
     n = len(source)
     images = np.empty((n, 32, 32, 3), np.uint8)
