@@ -50,3 +50,20 @@ def test_real_cifar10_test_split():
     assert split.images.shape == (10_000, 32, 32, 3)
     assert np.bincount(split.labels, minlength=10).tolist() == [1000] * 10
     assert 100 < split.images.mean() < 150  # real photographs, not noise or zeros
+
+
+def test_locate_without_tensorflow_explains_how_to_prepare(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env_dir"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorflow" else real_find_spec(n, *a))
+    with pytest.raises(cifar10.DataError, match="prepare-data"):
+        cifar10.locate(str(tmp_path / "cfg"))
+    assert not (tmp_path / "cfg").exists()
+
+
+def test_locate_finds_prepared_data_without_downloading(tmp_path):
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        assert cifar10.locate(str(tmp_path), download=False) == str(tmp_path)
