@@ -65,7 +65,7 @@ def test_kill9_anywhere_then_rerun_gives_the_same_digest(tmp_path, tmp_path_fact
             break
     out = log.read_text()[len(before):]
     assert f"resumed from step {steps[-1]}" in out, out[-2000:]
-    assert not fake.exists() and "WARNING: checkpoint" not in out
+    assert not fake.exists() and not _tmp_dirs(w) and "WARNING: checkpoint" not in out
     assert rh.digest(log) == ref, out[-2000:]
     assert rh.metrics(w) == rh.metrics(ref_dir)  # metrics.jsonl line for line as the uninterrupted run
 
@@ -235,3 +235,22 @@ def test_cli_bad_input_in_process(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
         assert not (tmp_path / "w").exists()
+
+
+def test_no_unpickling_and_no_shell_for_config_paths(tmp_path, pristine, monkeypatch):
+    """Safety: resuming restores with pickle disabled (Orbax reads tensorstore arrays and JSON), and a workdir
+    full of shell metacharacters is used literally (paths from configs never pass through a shell)."""
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("something tried to unpickle")
+
+    src, want = pristine
+    w = tmp_path / "a b;touch PWNED;$(touch PWNED2)'\""
+    shutil.copytree(src, w)
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    with mock():
+        out = loop.train_and_evaluate(tiny_config(), str(w))
+    assert out["state_digest"] == want and out["step"] == 6
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
