@@ -8,6 +8,8 @@ import time
 import pytest
 import run_helpers as rh
 
+from resflax.train import workdir as wd
+
 
 def _start_both(w, tmp_path, cc, tag, *extra):
     port = rh.free_port()
@@ -23,6 +25,19 @@ def test_two_processes_match_two_devices_through_kill_and_resume(tmp_path, tmp_p
     cc = rh.cache_dir(tmp_path_factory)
     w = tmp_path / "run"
     args = ("--config.checkpoint_every_steps=4",)
+    # workdir in use: process 0 refuses in one line, process 1 follows its verdict (no hang), both exit 2
+    w.mkdir()
+    lock = wd.Lock(w)
+    lock.acquire()
+    try:
+        procs = _start_both(w, tmp_path, cc, "busy", *args)
+        assert [p.wait(timeout=120) for p in procs] == [2, 2]
+    finally:
+        lock.release()
+    last = [(tmp_path / f"busy{i}.log").read_text().strip().splitlines()[-1] for i in range(2)]
+    assert "is in use by pid" in last[0] and "process 0 could not use workdir" in last[1], last
+    assert sorted(p.name for p in w.iterdir()) == [".lock"]
+
     procs = _start_both(w, tmp_path, cc, "a", *args)
     try:
         assert rh.wait_for_step(procs[0], w, 9) > 0, (tmp_path / "a0.log").read_text()[-3000:]

@@ -118,13 +118,6 @@ class _Preemption:
             signal.signal(sig, old)
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        multihost_utils.sync_global_devices(name)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the run in ``workdir`` and returns its final ``step``, ``test_error``, ``state_digest``.
 
@@ -140,16 +133,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_ov
     lock = wd.Lock(path) if is_main else None
     with _Preemption() as pre:
         try:
+            failed: BaseException | None = None
             if lock is not None:
-                lock.acquire()
-                if start_over:
-                    moved = wd.set_aside(path)
-                    if moved:
-                        print(f"moved the previous run to {moved}", flush=True)
-                    lock.release()
+                try:
                     lock.acquire()
-            _barrier("resflax-workdir-ready")
-            wd.check_experiment(path, cfg_dict)
+                    if start_over:
+                        moved = wd.set_aside(path)
+                        if moved:
+                            print(f"moved the previous run to {moved}", flush=True)
+                        lock.release()
+                        lock.acquire()
+                    wd.check_experiment(path, cfg_dict)
+                except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other processes)
+                    failed = e
+            if jax.process_count() > 1:  # the others follow process 0's verdict instead of hanging
+                from jax.experimental import multihost_utils  # noqa: PLC0415
+
+                ok = bool(multihost_utils.broadcast_one_to_all(np.int32(failed is None)))
+                if not ok and failed is None:
+                    raise wd.WorkdirError(f"process 0 could not use workdir {path} (its message says why)")
+            if failed is not None:
+                raise failed
             return _run(config, cfg_dict, p, path, pre)
         finally:
             if lock is not None:
