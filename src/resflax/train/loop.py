@@ -85,7 +85,7 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
         warmup_lr=config.warmup_lr,
         warmup_until_error=config.warmup_until_error,
     )
-    data_dir = cifar10.find_data_dir(config.data_dir)
+    data_dir = cifar10.locate(config.data_dir)  # prepares it once if the prepare extra is installed
     return Plan(model, mesh, num_steps, boundaries, step_cfg, data_dir)
 
 
