@@ -137,7 +137,26 @@ def load_run(path: str | Path) -> Run:
     if not cfg.exists():
         raise FileNotFoundError(f"{path} holds no run (no config.json)")
     curves, bad = read_metrics(path / "metrics.jsonl")
-    return Run(path, json.loads(cfg.read_text()), curves.get("train", []), curves.get("test", []), bad)
+    config = json.loads(cfg.read_text())
+    used = data_dir_used(path / "metrics.jsonl")
+    if used and not config.get("data_dir"):
+        config["data_dir_used"] = used
+    return Run(path, config, curves.get("train", []), curves.get("test", []), bad)
+
+
+def data_dir_used(path: Path) -> str | None:
+    """The TFDS data_dir the run read, from its ``{"event": "data"}`` records (the last one wins)."""
+    found = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if '"data"' in line:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("event") == "data" and rec.get("data_dir"):
+                    found = rec["data_dir"]
+    return found
 
 
 def collect_runs(paths: list[str | Path]) -> list[Run]:
@@ -158,7 +177,7 @@ def collect_runs(paths: list[str | Path]) -> list[Run]:
 
 def dataset_name(config: dict[str, Any]) -> str:
     """Names the data a run trained on, from its ``data_dir`` (or says that TFDS looked it up)."""
-    d = config.get("data_dir")
+    d = config.get("data_dir") or config.get("data_dir_used")
     if d:
         copy = " (JPEG q75 copy)" if str(Path(d).resolve()).endswith(str(SHARED_COPY)) else ""
         return f"CIFAR-10{copy}, TFDS data_dir {d}"
