@@ -228,6 +228,10 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
             state, metrics = train_step(state, train_x, train_y, mean)
             step += 1
             pending.append((step, metrics))
+            if len(pending) >= 2:
+                # Keep one step in flight, no more: the device stays busy while the progress bar (and the
+                # queue of dispatched steps) follows the steps actually computed.
+                jax.block_until_ready(pending[-2][1]["loss"])
             boundary_log = step % config.log_every_steps == 0 or step == p.num_steps
             do_eval = step % eval_every == 0 or step == p.num_steps
             do_save = step % config.checkpoint_every_steps == 0 or step == p.num_steps or pre.requested
