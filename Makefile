@@ -78,3 +78,8 @@ study: data
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+
+# docs/performance.md: resflax vs the PyTorch reference, side by side (installs the torch extra).
+bench: venv
+	$(BIN)/python -m pip install -q -e '.[torch]'
+	$(BIN)/python benchmarks/report.py
