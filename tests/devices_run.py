@@ -3,12 +3,12 @@
 Run as ``XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/devices_run.py N SYNC``.
 """
 
-import functools
 import json
 import sys
 
 import jax
 import numpy as np
+from synthetic import tiny_step
 
 from resflax.models import get_model
 from resflax.train import state as state_lib
@@ -19,15 +19,8 @@ def main():
     ndev, sync = int(sys.argv[1]), sys.argv[2] == "sync"
     assert jax.device_count() >= ndev, jax.devices()
     model = get_model("resnet8", bn_axis_name=step_lib.AXIS if sync else None)
-    tx_fn = functools.partial(state_lib.make_optimizer, momentum=0.9, weight_decay=1e-4, weight_decay_on="all")
+    step, s, data = tiny_step(model, ndev)
     mesh = step_lib.make_mesh(ndev)
-    s = step_lib.replicate(state_lib.init_state(model, tx_fn, 0, (32, 32, 3), warmup=False), mesh)
-    cfg = step_lib.step_config((1000,), batch_size=16, base_lr=0.1, factor=0.1, warmup_lr=0.01,
-                               warmup_until_error=0.8)
-    rs = np.random.RandomState(0)
-    data = step_lib.replicate((rs.randint(0, 256, (64, 32, 32, 3)).astype(np.uint8),
-                               rs.randint(0, 10, 64).astype(np.int32), np.full((32, 32, 3), 0.5, np.float32)), mesh)
-    step = step_lib.make_train_step(model, tx_fn(s.params), cfg, mesh)
     losses = []
     for _ in range(4):
         s, m = step(s, *data)

@@ -1,31 +1,22 @@
 """bfloat16 compute keeps float32 parameters and BN statistics, and trains like float32 on a short run."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from synthetic import tiny_step
 
 from resflax.models import get_model
-from resflax.train import state as state_lib
-from resflax.train import step as step_lib
 
 
 def _losses(dtype, steps=25):
     model = get_model("resnet8", dtype=dtype)
-    tx_fn = functools.partial(state_lib.make_optimizer, momentum=0.9, weight_decay=1e-4, weight_decay_on="all")
-    mesh = step_lib.make_mesh(1)
-    s = step_lib.replicate(state_lib.init_state(model, tx_fn, 0, (32, 32, 3), warmup=False), mesh)
-    cfg = step_lib.step_config((1000,), batch_size=32, base_lr=0.1, factor=0.1, warmup_lr=0.01,
-                               warmup_until_error=0.8)
     rs = np.random.RandomState(0)
     # A learnable task: the label says which band of rows is bright.
     labels = rs.randint(0, 10, 128).astype(np.int32)
     images = rs.randint(0, 64, (128, 32, 32, 3)).astype(np.uint8)
     for i, y in enumerate(labels):
         images[i, 3 * y : 3 * y + 3, :, :] = 255
-    data = step_lib.replicate((images, labels, np.full((32, 32, 3), 0.3, np.float32)), mesh)
-    step = step_lib.make_train_step(model, tx_fn(s.params), cfg, mesh)
+    step, s, data = tiny_step(model, batch_size=32, images=images, labels=labels, mean=0.3)
     out = []
     for _ in range(steps):
         s, m = step(s, *data)

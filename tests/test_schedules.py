@@ -1,17 +1,14 @@
 """The paper's learning-rate schedule at every boundary, the ResNet-110 warm-up, and the config's defaults."""
 
-import functools
 import importlib.util
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
+from synthetic import tiny_step
 
 from resflax.models import get_model
 from resflax.train import schedules
-from resflax.train import state as state_lib
-from resflax.train import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,16 +67,9 @@ def test_config_rejects_unknown_args_and_keys():
 
 
 def _tiny_step(warmup_until_error):
-    model = get_model("resnet8")
-    tx_fn = functools.partial(state_lib.make_optimizer, momentum=0.9, weight_decay=1e-4, weight_decay_on="all")
-    mesh = step_lib.make_mesh(1)
-    s = step_lib.replicate(state_lib.init_state(model, tx_fn, 0, (32, 32, 3), warmup=True), mesh)
-    cfg = step_lib.step_config((1000,), batch_size=8, base_lr=0.1, factor=0.1, warmup_lr=0.01,
-                               warmup_until_error=warmup_until_error)
-    rs = np.random.RandomState(0)
-    data = step_lib.replicate((rs.randint(0, 256, (64, 32, 32, 3)).astype(np.uint8),
-                               rs.randint(0, 10, 64).astype(np.int32), np.zeros((32, 32, 3), np.float32)), mesh)
-    return step_lib.make_train_step(model, tx_fn(s.params), cfg, mesh), s, data
+    step, s, data = tiny_step(get_model("resnet8"), batch_size=8, mean=0.0, warmup=True,
+                              warmup_until_error=warmup_until_error)
+    return step, s, data
 
 
 def test_warmup_switches_back_to_base_lr_in_the_step():
