@@ -36,6 +36,12 @@ def _parse(argv):
     p.add_argument("--rounds", type=int, default=None, help="interleaving rounds with --torch (default: steps)")
     p.add_argument("--impl", default=None, choices=("fast", "flax"), help="model layer implementation")
     p.add_argument("--no-barriers", action="store_true", help="model without optimisation barriers")
+    p.add_argument(
+        "--scan-min-blocks",
+        default=None,
+        type=lambda v: -1 if v == "none" else int(v),
+        help="ResNet.scan_min_blocks (stages with at least this many blocks run as a lax.scan); 'none': unrolled",
+    )
     p.add_argument("--torch", action="store_true", help="also time the PyTorch reference, interleaved")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -66,6 +72,8 @@ def build(args):
         overrides["impl"] = args.impl
     if args.no_barriers:
         overrides["barriers"] = False
+    if args.scan_min_blocks is not None:
+        overrides["scan_min_blocks"] = None if args.scan_min_blocks < 0 else args.scan_min_blocks
     mesh = sp.make_mesh(args.devices)
     probe = get_model(args.model, **overrides)
     if mesh.shape[sp.AXIS] > 1:
@@ -120,6 +128,7 @@ def build(args):
         "devices": int(mesh.shape[sp.AXIS]),
         "impl": model.impl,
         "barriers": model.barriers,
+        "scan_min_blocks": model.scan_min_blocks,
         "platform": jax.devices()[0].platform,
     }
     return step, compile_s, meta

@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stride_on_3x3 = False
     c.zero_init_last_bn = False
     c.impl = ml_collections.config_dict.placeholder(str)  # layer implementation: "fast" (default) or "flax"
+    # stages with at least this many blocks run as one lax.scan (compile time flat in depth); None keeps the
+    # model's default (64: only ResNet-1202 scans), 0 unrolls every stage
+    c.scan_min_blocks = ml_collections.config_dict.placeholder(int)
     c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters and BN statistics
 
     c.dataset = "cifar10"

@@ -61,7 +61,7 @@ def test_batchnorm_matches_flax(shape):
 
 
 @pytest.mark.parametrize("strides,padding,ks", [(1, ((1, 1), (1, 1)), 3), (2, ((1, 1), (1, 1)), 3),
-                                                (2, "VALID", 1), (1, "SAME", 3)])
+                                                (2, "VALID", 1), (1, "SAME", 3), (2, ((3, 3), (3, 3)), 7)])
 def test_conv_matches_flax(strides, padding, ks):
     rs = np.random.RandomState(1)
     x = jnp.asarray(rs.randn(4, 8, 8, 6).astype(np.float32))

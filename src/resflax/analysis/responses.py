@@ -79,6 +79,9 @@ def response_stds(model, variables, images_u8: np.ndarray, mean: np.ndarray,
     """``[(layer name, std)]`` of ``model``'s 3x3 layers over ``images_u8`` (N, 32, 32, 3 uint8), in order."""
     import jax  # noqa: PLC0415
 
+    from resflax.models import unpack_blocks  # noqa: PLC0415
+
+    variables = unpack_blocks(model, variables)  # the unrolled call that sows per-layer outputs needs them
     stats_fn = make_stats_fn(model)
     batch_size = min(batch_size, len(images_u8))
     acc: dict[str, tuple[float, float, float]] = {}

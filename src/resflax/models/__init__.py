@@ -2,7 +2,7 @@
 
 from resflax.models.blocks import BasicBlock, BottleneckBlock, Shortcut
 from resflax.models.registry import available_models, get_model, model_spec
-from resflax.models.resnet import ResNet
+from resflax.models.resnet import ResNet, pack_blocks, unpack_blocks
 
 __all__ = [
     "BasicBlock",
@@ -12,4 +12,6 @@ __all__ = [
     "available_models",
     "get_model",
     "model_spec",
+    "pack_blocks",
+    "unpack_blocks",
 ]

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from resflax import xla as _xla
 from resflax.models import fastops
@@ -27,8 +29,31 @@ IMPLS = ("fast", "flax")
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
+def _stack(trees):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def scans(num_blocks: int, scan_min_blocks: int | None) -> bool:
+    """Whether a stage of ``num_blocks`` blocks runs blocks 1..n-1 as a ``lax.scan``."""
+    return scan_min_blocks is not None and num_blocks > 1 and num_blocks >= scan_min_blocks
+
+
+def packed_name(num_blocks: int) -> str:
+    """Key under which a scanned stage's blocks 1..n-1 may be held stacked (see ``pack_blocks``)."""
+    return f"block1-{num_blocks - 1}"
+
+
 class Stage(nn.Module):
-    """A stack of blocks at one resolution; the first block downsamples by ``strides``."""
+    """A stack of blocks at one resolution; the first block downsamples by ``strides``.
+
+    With ``scan_min_blocks`` set and at least that many blocks, blocks 1..n-1 (all of one shape) run as one
+    ``lax.scan`` over their stacked parameters instead of being unrolled, so the compiled program, and its
+    compile time, stay the size of a shallow net's. It is only a way of executing the stage: initialisation is
+    the unrolled one and gives the per-block names ``block{j}/...``; the variables may hold those blocks either
+    per block (stacked on every call) or already stacked under ``block1-{n-1}`` (``pack_blocks``; what the train
+    state holds, so that the step has a few stacked leaves instead of thousands). A call that collects
+    ``intermediates`` (Fig. 7) unrolls and needs per-block variables (``unpack_blocks``).
+    """
 
     block_cls: Any
     num_blocks: int
@@ -37,19 +62,95 @@ class Stage(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     block_kwargs: dict
+    scan_min_blocks: int | None = None
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
-        for j in range(self.num_blocks):
-            x = self.block_cls(
-                filters=self.filters,
-                strides=self.strides if j == 0 else 1,
-                conv=self.conv,
-                norm=self.norm,
-                name=f"block{j}",
-                **self.block_kwargs,
-            )(x, train)
+        kwargs = dict(filters=self.filters, conv=self.conv, norm=self.norm, **self.block_kwargs)
+        key = packed_name(self.num_blocks)
+        packed = self.num_blocks > 1 and self.has_variable("params", key)
+        scanned = (
+            scans(self.num_blocks, self.scan_min_blocks)
+            and not self.is_initializing()
+            and not self.is_mutable_collection("intermediates")
+        )
+        if packed and not scanned:
+            raise ValueError(
+                f"{self.name}: blocks 1..{self.num_blocks - 1} are packed under {key!r}, which only a scanned "
+                "stage reads; unpack them first (resflax.models.unpack_blocks)"
+            )
+        for j in range(1 if scanned else self.num_blocks):
+            x = self.block_cls(strides=self.strides if j == 0 else 1, name=f"block{j}", **kwargs)(x, train)
+        if not scanned:
+            return x
+        template = self.block_cls(strides=1, parent=None, **kwargs)
+        names = [f"block{j}" for j in range(1, self.num_blocks)]
+        if packed:
+            params, stats = self.get_variable("params", key), self.get_variable("batch_stats", key)
+        else:
+            params = _stack([self.get_variable("params", nm) for nm in names])
+            stats = _stack([self.get_variable("batch_stats", nm) for nm in names])
+
+        def body(h, v):
+            p, s = v
+            if not train:
+                return template.apply({"params": p, "batch_stats": s}, h, False), None
+            h, new = template.apply({"params": p, "batch_stats": s}, h, True, mutable=["batch_stats"])
+            return h, new["batch_stats"]
+
+        x, new_stats = lax.scan(body, x, (params, stats), unroll=self.scan_unroll)
+        if train and packed:
+            self.put_variable("batch_stats", key, new_stats)
+        elif train:
+            for j, nm in enumerate(names):
+                self.put_variable("batch_stats", nm, jax.tree.map(lambda a, j=j: a[j], new_stats))
         return x
+
+
+def _scanned_stages(model) -> list[tuple[str, int]]:
+    return [(f"stage{i + 1}", n) for i, n in enumerate(model.stage_sizes) if scans(n, model.scan_min_blocks)]
+
+
+def _is_variables(tree: Any) -> bool:
+    return isinstance(tree, dict) and bool({"params", "batch_stats", "intermediates"} & set(tree))
+
+
+def pack_blocks(model, tree: Any) -> Any:
+    """Stacks blocks 1..n-1 of every stage ``model`` scans into one entry ``stage{i}/block1-{n-1}``.
+
+    ``tree`` is a collection laid out like the parameters (``params``, ``batch_stats``, or an optimizer's
+    per-parameter state), or a ``{"params": ..., "batch_stats": ...}`` variables dict. Stages that are
+    unrolled, and trees already packed, are returned unchanged. ``unpack_blocks`` is the exact inverse.
+    """
+    if _is_variables(tree):
+        return {k: pack_blocks(model, v) for k, v in tree.items()}
+    out = dict(tree)
+    for stage, n in _scanned_stages(model):
+        if stage not in out or "block1" not in out[stage]:
+            continue
+        st = dict(out[stage])
+        blocks = [st.pop(f"block{j}") for j in range(1, n)]
+        st[packed_name(n)] = _stack(blocks)
+        out[stage] = st
+    return out
+
+
+def unpack_blocks(model, tree: Any) -> Any:
+    """Inverse of ``pack_blocks``: per-block entries ``stage{i}/block{j}`` again."""
+    if _is_variables(tree):
+        return {k: unpack_blocks(model, v) for k, v in tree.items()}
+    out = dict(tree)
+    for stage, n in _scanned_stages(model):
+        key = packed_name(n)
+        if stage not in out or key not in out[stage]:
+            continue
+        st = dict(out[stage])
+        stacked = st.pop(key)
+        for j in range(1, n):
+            st[f"block{j}"] = jax.tree.map(lambda a, j=j: a[j - 1], stacked)
+        out[stage] = st
+    return out
 
 
 class ResNet(nn.Module):
@@ -75,6 +176,10 @@ class ResNet(nn.Module):
       barriers: optimisation barrier after every block, so the backward pass reads stored activations
         instead of recomputing BN/add/ReLU chains (numerically a no-op). Off by default: XLA:CPU removes
         optimisation barriers before fusion, so they do nothing there (see docs/performance.md).
+      scan_min_blocks: a stage with at least this many blocks runs its blocks after the first as one
+        ``lax.scan`` (see ``Stage``): compile time stays flat in depth (ResNet-1202). None: always unrolled.
+        The default, 64, leaves every paper model but ResNet-1202 unrolled, which is faster per step.
+      scan_unroll: blocks per iteration of that scan (``lax.scan``'s ``unroll``).
     """
 
     stage_sizes: Sequence[int]
@@ -95,6 +200,8 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     impl: str = "fast"
     barriers: bool = False
+    scan_min_blocks: int | None = 64
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -150,6 +257,8 @@ class ResNet(nn.Module):
                 conv,
                 norm,
                 block_kwargs,
+                self.scan_min_blocks,
+                self.scan_unroll,
                 name=f"stage{i + 1}",
             )(x, train)
         x = jnp.mean(x, axis=(1, 2))

@@ -65,6 +65,10 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
     for key in ("shortcut", "impl"):
         if config.get(key) is not None:
             overrides[key] = config[key]
+    if config.get("scan_min_blocks") is not None:
+        if config.scan_min_blocks < 0:
+            raise ValueError(f"scan_min_blocks must be >= 0 (0: never scan), got {config.scan_min_blocks}")
+        overrides["scan_min_blocks"] = config.scan_min_blocks or None
     model = get_model(config.model, **overrides)
     if model.stem != "cifar":
         raise ValueError(f"model {config.model!r} is an ImageNet model; CIFAR-10 needs a CIFAR model")
