@@ -145,7 +145,7 @@ def plot_fig7(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    from resflax.analysis.report import colour, family_depth, label  # noqa: PLC0415
+    from resflax.analysis.runs import colour, family_depth, label  # noqa: PLC0415
 
     models = [r["model"] for r in results]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7.5, 6.5))
