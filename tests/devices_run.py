@@ -1,6 +1,6 @@
 """Helper for tests: a few train steps of a tiny model on synthetic data, losses printed as JSON.
 
-Run as ``XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/devices_run.py N SYNC``.
+Run as ``XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/devices_run.py N SYNC [scan]``.
 """
 
 import json
@@ -17,8 +17,13 @@ from resflax.train import step as step_lib
 
 def main():
     ndev, sync = int(sys.argv[1]), sys.argv[2] == "sync"
+    scan = len(sys.argv) > 3 and sys.argv[3] == "scan"  # a model whose stages run as a lax.scan
     assert jax.device_count() >= ndev, jax.devices()
-    model = get_model("resnet8", bn_axis_name=step_lib.AXIS if sync else None)
+    axis = step_lib.AXIS if sync else None
+    if scan:
+        model = get_model("resnet14", scan_min_blocks=2, bn_axis_name=axis)
+    else:
+        model = get_model("resnet8", bn_axis_name=axis)
     step, s, data = tiny_step(model, ndev)
     mesh = step_lib.make_mesh(ndev)
     losses = []
