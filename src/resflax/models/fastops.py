@@ -190,6 +190,23 @@ def _conv(x, w, strides, padding):
 
 
 def conv_weight_grad(x, g, w_shape, strides, padding):
+    """Weight gradient of ``_conv``: on the CPU ``conv_weight_grad_canonical``, elsewhere autodiff's own.
+
+    GPU/TPU compilers recognise autodiff's form as a backward-filter convolution (cuDNN's on a GPU); the
+    explicit form below would hide that from them.
+    """
+
+    def autodiff(x, g):
+        _, vjp_w = jax.vjp(lambda w_: _conv(x, w_, strides, padding), jnp.zeros(w_shape, x.dtype))
+        return vjp_w(g)[0]
+
+    def canonical(x, g):
+        return conv_weight_grad_canonical(x, g, w_shape, strides, padding)
+
+    return lax.platform_dependent(x, g, cpu=canonical, default=autodiff)
+
+
+def conv_weight_grad_canonical(x, g, w_shape, strides, padding):
     """Weight gradient of ``_conv`` as one convolution in the canonical NHWC/HWIO layout.
 
     The batch becomes the contraction axis: ``dw[a, b, i, o] = sum_{n,h,w} xpad[n, h*s + a, w*s + b, i] * g[n, h,
