@@ -38,8 +38,6 @@ def _parse(argv):
     p.add_argument("--no-barriers", action="store_true", help="model without optimisation barriers")
     p.add_argument(
         "--scan-min-blocks",
-        default=None,
-        type=lambda v: -1 if v == "none" else int(v),
         help="ResNet.scan_min_blocks (stages with at least this many blocks run as a lax.scan); 'none': unrolled",
     )
     p.add_argument("--torch", action="store_true", help="also time the PyTorch reference, interleaved")
@@ -73,7 +71,7 @@ def build(args):
     if args.no_barriers:
         overrides["barriers"] = False
     if args.scan_min_blocks is not None:
-        overrides["scan_min_blocks"] = None if args.scan_min_blocks < 0 else args.scan_min_blocks
+        overrides["scan_min_blocks"] = None if args.scan_min_blocks == "none" else int(args.scan_min_blocks)
     mesh = sp.make_mesh(args.devices)
     probe = get_model(args.model, **overrides)
     if mesh.shape[sp.AXIS] > 1:

@@ -15,7 +15,6 @@ next start. Checkpoints are tensorstore arrays and JSON: nothing is ever unpickl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -23,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from resflax.train import distributed
+from resflax.train.state import tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +44,6 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
         multihost_utils.sync_global_devices(name)
-
-
-def tree_digest(host_tree: Any) -> str:
-    """SHA-256 over every leaf (path, dtype, shape, bytes) of a host pytree: params, optimizer state, step..."""
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(host_tree)[0]:
-        arr = np.asarray(leaf)
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
 
 
 class Checkpointer:

@@ -71,17 +71,21 @@ def init_state(model, tx_fn, seed: int, image_shape, warmup: bool) -> TrainState
     )
 
 
-def state_digest(state: TrainState) -> str:
-    """SHA-256 over params and batch_stats (paths, dtypes, shapes and bytes): equal iff bit-identical."""
+def tree_digest(host_tree: Any) -> str:
+    """SHA-256 over every leaf (path, dtype, shape, bytes) of a host pytree: equal iff bit-identical."""
     import hashlib  # noqa: PLC0415
 
     import numpy as np  # noqa: PLC0415
 
     h = hashlib.sha256()
-    tree = {"params": state.params, "batch_stats": state.batch_stats}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        arr = np.asarray(jax.device_get(leaf))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(host_tree)[0]:
+        arr = np.asarray(leaf)
         h.update(jax.tree_util.keystr(path).encode())
         h.update(f"{arr.dtype}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def state_digest(state: TrainState) -> str:
+    """``tree_digest`` of params and batch_stats: the run's identity shown to users and in tests."""
+    return tree_digest(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
