@@ -1,15 +1,21 @@
 """The Colab notebook runs top to bottom (CPU, tiny config, TFDS mock data), so it cannot rot."""
 
+import ast
 import csv
+import io
 import os
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "resflax_colab.ipynb"
-PARAMETERS = ("MODEL", "NUM_STEPS", "WORKDIR", "DATA_DIR", "INSTALL")
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "resflax_colab.ipynb"
+PARAMETERS = ("RESFLAX_SOURCE", "INSTALL", "MODEL", "NUM_STEPS", "WORKDIR", "DATA_DIR")
 
 
 def parameters_cell(nb) -> int:
@@ -26,6 +32,136 @@ def test_notebook_is_parameterised_and_stored_clean():
         assert f"\n{name} = " in "\n" + src, f"parameter {name} missing"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), "commit the notebook without outputs"
+    assert "OWNER" not in NOTEBOOK.read_text(), "no placeholder repository: RESFLAX_SOURCE names it"
+
+
+def git(*args, cwd=ROOT) -> str:
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def nbfn():
+    """The notebook's cell of functions (resolve_source & co.), run in a namespace of its own."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and "def resolve_source(" in c.source]
+    assert len(cells) == 1
+    tree = ast.parse(cells[0])
+    # Functions only: imports, definitions and constants, so running it has no effect of its own.
+    assert all(isinstance(s, ast.Import | ast.ImportFrom | ast.FunctionDef | ast.Assign) for s in tree.body)
+    assert all(isinstance(s.value, ast.Constant | ast.Tuple) for s in tree.body if isinstance(s, ast.Assign))
+    ns = {}
+    exec(compile(tree, "<notebook functions>", "exec"), ns)
+    return SimpleNamespace(**ns)
+
+
+def one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+def test_source_local_checkout(nbfn, tmp_path):
+    assert nbfn.resolve_source(str(ROOT), cwd=tmp_path) == (ROOT, "a local checkout")
+    assert nbfn.resolve_source("..", cwd=ROOT / "notebooks") == (ROOT, "a local checkout")
+    # "auto": the checkout the notebook sits in (as CI runs it), else ./resflax.
+    assert nbfn.resolve_source("auto", cwd=ROOT / "notebooks") == (ROOT, "the checkout around this notebook")
+    assert not list(tmp_path.iterdir()), "a local checkout is used in place, nothing copied"
+
+
+@pytest.mark.parametrize("fmt, prefix", [("tar.gz", ""), ("zip", "resflax-main/")])
+def test_source_archive(nbfn, tmp_path, fmt, prefix):
+    tmp_path = tmp_path.resolve()
+    archive = tmp_path / f"resflax.{fmt}"
+    git("archive", f"--format={fmt}", *([f"--prefix={prefix}"] if prefix else []), "-o", str(archive), "HEAD")
+    repo, how = nbfn.resolve_source(archive.name, cwd=tmp_path, workspace="ws")
+    assert repo.is_relative_to(tmp_path / "ws") and how == f"extracted from {archive}"
+    assert repo == (tmp_path / "ws" / "resflax.tar.gz" if not prefix else tmp_path / "ws" / "resflax.zip" / prefix)
+    assert (repo / "src" / "resflax" / "__init__.py").read_text() == git("show", "HEAD:src/resflax/__init__.py")
+    assert (repo / "experiments" / "cifar10.py").is_file()
+    # "upload" (Colab): the uploaded archive, from google.colab.files.upload()'s {name: bytes}.
+    up, how = nbfn.resolve_source("upload", cwd=tmp_path, upload=lambda: {archive.name: archive.read_bytes()})
+    assert how == f"uploaded {archive.name}" and (up / "setup.cfg").read_text() == (repo / "setup.cfg").read_text()
+    with pytest.raises(ValueError, match="works on Colab only") as e:
+        nbfn.resolve_source("upload", cwd=tmp_path)
+    one_line_error(e)
+
+
+def test_source_git_url(nbfn, tmp_path):
+    tmp_path = tmp_path.resolve()
+    head = git("rev-parse", "HEAD").strip()
+    repo, how = nbfn.resolve_source(f"file://{ROOT}", cwd=tmp_path)
+    assert repo.is_relative_to(tmp_path / "resflax-sources") and how == f"cloned from file://{ROOT}"
+    assert git("rev-parse", "HEAD", cwd=repo).strip() == head
+    assert nbfn.resolve_source(f"file://{ROOT}", cwd=tmp_path)[0] == repo  # a rerun reuses the clone
+    # @REF: a commit is no branch for `git clone --branch`; the function falls back to a full clone.
+    at_commit, _ = nbfn.resolve_source(f"file://{ROOT}@{head}", cwd=tmp_path)
+    assert at_commit != repo and git("rev-parse", "HEAD", cwd=at_commit).strip() == head
+    assert nbfn.split_ref("git@github.com:someone/resflax.git@feature/x") == (
+        "git@github.com:someone/resflax.git", "feature/x")
+    assert nbfn.split_ref("https://github.com/someone/resflax/tree/v1.0") == (
+        "https://github.com/someone/resflax.git", "v1.0")
+    assert nbfn.split_ref("https://user@host.org/r.git") == ("https://user@host.org/r.git", None)
+    with pytest.raises(RuntimeError, match=r"git clone file://.*/nothing-here failed: fatal: .*not .*repository") as e:
+        nbfn.resolve_source(f"file://{tmp_path}/nothing-here", cwd=tmp_path)
+    one_line_error(e)
+
+
+def test_source_refused(nbfn, tmp_path):
+    tmp_path = tmp_path.resolve()
+    (tmp_path / "notrepo" / "src").mkdir(parents=True)
+    (tmp_path / "notrepo" / "setup.cfg").write_text("[metadata]\n")
+    with pytest.raises(ValueError) as e:
+        nbfn.resolve_source("notrepo", cwd=tmp_path)
+    assert one_line_error(e) == (f"RESFLAX_SOURCE 'notrepo' is not a resflax checkout: {tmp_path / 'notrepo'} has no "
+                                 "src/resflax/__init__.py, experiments/cifar10.py")
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as t:
+        info = tarfile.TarInfo("other/README.md")
+        t.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ValueError, match=r"^the archive other.tar.gz is not a resflax checkout: .* has no src/") as e:
+        nbfn.resolve_source(str(tmp_path / "other.tar.gz"), cwd=tmp_path)
+    one_line_error(e)
+    (tmp_path / "notes.txt").write_text("not an archive")
+    with pytest.raises(ValueError, match="notes.txt is not a .zip or .tar.gz archive") as e:
+        nbfn.resolve_source("notes.txt", cwd=tmp_path)
+    one_line_error(e)
+    with pytest.raises(ValueError, match="'no/such/thing' is no file, folder or git URL") as e:
+        nbfn.resolve_source("no/such/thing", cwd=tmp_path)
+    one_line_error(e)
+
+
+def test_source_auto_outside_a_checkout(nbfn, tmp_path):
+    tmp_path = tmp_path.resolve()
+    assert nbfn.find_checkout(tmp_path) is None
+    with pytest.raises(ValueError) as e:
+        nbfn.resolve_source("auto", cwd=tmp_path)
+    msg = one_line_error(e)
+    assert msg.startswith("RESFLAX_SOURCE = 'auto' found no resflax checkout around this notebook ")
+    assert "set RESFLAX_SOURCE in the parameters cell to " in msg
+    for form in ("git URL", "https://github.com/USER/REPO.git", "@BRANCH", "checkout's path", ".zip/.tar.gz",
+                 "'upload'"):
+        assert form in msg
+    # A checkout cloned to ./resflax (or one of the candidates, e.g. on a mounted Google Drive) is found.
+    copy = tmp_path / "drive" / "resflax"
+    nbfn.extract(git_archive(tmp_path), copy)
+    assert nbfn.resolve_source("auto", cwd=tmp_path, candidates=[copy]) == (copy, "a checkout found there")
+    copy.rename(tmp_path / "resflax")
+    assert nbfn.resolve_source("auto", cwd=tmp_path) == (tmp_path / "resflax", "a checkout found there")
+
+
+def git_archive(tmp_path) -> Path:
+    archive = tmp_path / "head.tar.gz"
+    git("archive", "--format=tar.gz", "-o", str(archive), "HEAD")
+    return archive
+
+
+def test_describe_accelerator(nbfn):
+    tpu = [SimpleNamespace(device_kind="TPU v2")] * 8
+    assert nbfn.describe_accelerator("tpu", tpu) == "TPU (8 devices: TPU v2)"
+    assert nbfn.describe_accelerator("gpu", [SimpleNamespace(device_kind="Tesla T4")]) == "GPU (1 device: Tesla T4)"
+    cpu = [SimpleNamespace(device_kind="cpu")]
+    assert nbfn.describe_accelerator("cpu", cpu) == "CPU only (training will be slow)"
+    assert nbfn.describe_accelerator("cpu", cpu, "gpu") == (
+        "CPU only (training will be slow; this machine has a GPU that JAX does not use)")
 
 
 @pytest.mark.slow
@@ -40,6 +176,7 @@ MODEL = "resnet8"
 NUM_STEPS = 4
 WORKDIR = {str(workdir)!r}
 DATA_DIR = None
+RESFLAX_SOURCE = "auto"
 INSTALL = "auto"
 OVERRIDES = {{"batch_size": 16, "eval_batch_size": 32, "log_every_steps": 1, "checkpoint_every_steps": 2}}
 import tensorflow_datasets as tfds
@@ -54,7 +191,9 @@ _mock.__enter__()
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
 
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert f"resflax {__import__('resflax').__version__} from {Path(__file__).resolve().parents[1]}" in outputs
+    assert f"resflax source: {ROOT} (the checkout around this notebook)" in outputs
+    assert "accelerator: CPU only (training will be slow)" in outputs
+    assert f"resflax {__import__('resflax').__version__} from {ROOT}" in outputs
     assert "final test error" in outputs
     report = workdir / "report"
     for name in ("fig6.png", "fig7.png", "table6.md", "report.md", "responses.csv"):
