@@ -2,6 +2,7 @@
 
     resflax summary [MODEL ...] [--json]        parameters and multiply-adds beside the paper's
     resflax train --config=experiments/cifar10.py:resnet20 --workdir=DIR [--config.KEY=VALUE ...] [--start_over]
+                                                (resflax train --help lists every config key)
     resflax eval --workdir=DIR [--json]         test error of the latest checkpoint, with a state digest
     resflax prepare-data [--data_dir=DIR]       download and prepare CIFAR-10 (ArrayRecord) once
     resflax report RUN_DIR... --out DIR          Fig. 6 curves and the Table 6 markdown from runs
@@ -9,13 +10,23 @@
 
 Config files are Python, executed on load by design (like any ml-collections config): only run configs you
 trust. Checkpoints are read with Orbax (no pickle).
+
+Exit codes: 0 done (or checkpointed after SIGTERM/SIGINT), 1 internal error (traceback shown and kept in
+WORKDIR/errors.log), 2 bad input / a file that could not be written / a checkpoint that could not be
+restored (one line on stderr), 3 divergence, 130 a second interrupt.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import time
+import traceback
+from pathlib import Path
+
+from resflax.errors import INTERNAL_ERROR, BadInput, ResflaxError
 
 USAGE = __doc__
 
@@ -28,7 +39,7 @@ def cmd_summary(argv: list[str]) -> int:
     from resflax.analysis.counts import summary  # noqa: PLC0415
     from resflax.models import available_models  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(prog="resflax summary", description="parameters and multiply-adds per image")
+    ap = ArgumentParser(prog="resflax summary", description="parameters and multiply-adds per image")
     ap.add_argument("models", nargs="*", help="model names (default: every named model)")
     ap.add_argument("--json", action="store_true", help="one JSON object per model (a list if several)")
     args = ap.parse_args(argv)
@@ -47,7 +58,63 @@ def cmd_summary(argv: list[str]) -> int:
     return 0
 
 
+TRAIN_USAGE = """usage: resflax train --config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [--start_over]
+
+Trains (or resumes: rerun the same command) the run in DIR. FILE[:ARG] is an experiment config, e.g.
+experiments/cifar10.py:resnet110,seed=3,val_examples=5000,schedule_scale=0.1; every key below can be
+overridden with --config.KEY=VALUE (a misspelt key is an error).
+
+  --config       experiment config file and its argument
+  --workdir      run directory: checkpoints/, metrics.jsonl, tb/, config.json
+  --start_over   move an existing run in DIR aside (DIR.old-<time>) and start fresh
+"""
+
+_KEY_LINE = re.compile(r"^\s*c\.(\w+)\s*=.*?#\s*(.*)$")
+
+
+def _key_help(path: Path) -> dict[str, str]:
+    """The trailing comment of each ``c.KEY = ...  # comment`` line of a config file: its keys' help."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    return {m.group(1): m.group(2) for ln in lines if (m := _KEY_LINE.match(ln))}
+
+
+def _train_help(argv: list[str]) -> int:
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    print(TRAIN_USAGE)
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    default = Path(__file__).resolve().parents[2] / "experiments" / "cifar10.py"
+    if spec is None and default.exists():
+        spec = f"{default}:resnet20"
+    if spec is None:
+        print("(give --config=FILE[:ARG] to list its keys)")
+        return 0
+    path = Path(spec.split(":", 1)[0])
+    fl = flags.FlagValues()
+    argv0 = ["resflax train", f"--config={spec}"]
+    config_flags.DEFINE_config_file("config", None, "", lock_config=True, flag_values=fl, sys_argv=argv0)
+    try:
+        fl(argv0)
+        config = fl.config.to_dict()
+    except Exception as e:  # noqa: BLE001 (help must not crash on a broken config)
+        raise BadInput(f"cannot load config {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    helps = _key_help(path)
+    print(f"config keys of {spec} (default values):")
+    width = max((len(k) for k in config), default=0)
+    for key, value in config.items():
+        note = f"  # {helps[key]}" if key in helps else ""
+        print(f"  --config.{key:<{width}} = {value!r}{note}")
+    return 0
+
+
 def cmd_train(argv: list[str]) -> int:
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
+        return _train_help(argv)
     from absl import flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
@@ -85,10 +152,18 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="resflax eval", description="evaluate the latest checkpoint of a run")
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--data_dir", default=None)
-    ap.add_argument("--json", action="store_true")
+    ap = ArgumentParser(
+        prog="resflax eval",
+        description="Test error of the latest good checkpoint of a run, on every test image once. Read-only: "
+                    "a damaged checkpoint is skipped (and said so), nothing in the workdir is changed, and it "
+                    "can run while training holds the workdir.")
+    ap.add_argument("--workdir", required=True, help="run directory written by `resflax train`")
+    ap.add_argument("--data_dir", default=None,
+                    help="TFDS data_dir holding cifar10 (default: the run's, then $TFDS_DATA_DIR, "
+                         "~/tensorflow_datasets)")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (workdir, model, step, test_error, test_loss, test_examples, "
+                         "state_digest, skipped_damaged)")
     args = ap.parse_args(argv)
     from resflax.train.evaluate import evaluate_workdir  # noqa: PLC0415
 
@@ -102,7 +177,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="resflax prepare-data", description="download and prepare CIFAR-10 once")
+    ap = ArgumentParser(prog="resflax prepare-data", description="download and prepare CIFAR-10 once")
     ap.add_argument("--data_dir", default=None)
     args = ap.parse_args(argv)
     from resflax.data.cifar10 import prepare  # noqa: PLC0415
@@ -138,6 +213,34 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _workdir_of(argv: list[str]) -> Path | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--workdir="):
+            return Path(a.split("=", 1)[1])
+        if a == "--workdir" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+    return None
+
+
+def _internal_error(cmd: str, argv: list[str], err: BaseException) -> int:
+    """An exception nobody expected: a bug, or a failure inside JAX/XLA/Orbax. Never called bad input."""
+    text = "".join(traceback.format_exception(err))
+    sys.stderr.write(text)
+    kept = ""
+    workdir = _workdir_of(argv)
+    if workdir is not None and workdir.is_dir():
+        try:
+            with open(workdir / "errors.log", "a") as f:
+                f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} resflax {cmd} {' '.join(argv)}\n{text}")
+            kept = f"; traceback also in {workdir / 'errors.log'}"
+        except OSError:
+            pass
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    print(f"resflax: internal error: {type(err).__name__}{': ' + first if first else ''} (a bug or a failure "
+          f"inside JAX/XLA, not bad input{kept})", file=sys.stderr)
+    return INTERNAL_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -146,21 +249,27 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         return _fail(f"unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}")
-    from resflax.data.cifar10 import DataError  # noqa: PLC0415
-    from resflax.train.checkpoint import CheckpointError  # noqa: PLC0415
-    from resflax.train.loop import DivergenceError  # noqa: PLC0415
-    from resflax.train.workdir import WorkdirError  # noqa: PLC0415
-
     try:
         return COMMANDS[cmd](rest)
-    except (ValueError, DataError, WorkdirError, FileNotFoundError, CheckpointError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except DivergenceError as e:
-        _fail(str(e))
-        return 3
+    except ResflaxError as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return e.exit_code
+    except OSError as e:
+        if e.filename is None:
+            return _internal_error(cmd, rest, e)
+        return _fail(f"{e.strerror or e}: {e.filename}")  # a path the user named cannot be read or written
     except KeyboardInterrupt:
         _fail("interrupted")
         return 130
+    except Exception as e:  # noqa: BLE001
+        return _internal_error(cmd, rest, e)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2 through ``main`` (``BadInput``), not a usage dump."""
+
+    def error(self, message: str):
+        raise BadInput(f"{self.prog}: {message}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import shlex
+
+from resflax.cli import ArgumentParser
+from resflax.errors import BadInput
 
 
 def _command(name: str, argv: list[str]) -> str:
@@ -13,7 +15,7 @@ def _command(name: str, argv: list[str]) -> str:
 def cmd_report(argv: list[str]) -> int:
     from resflax.analysis import report  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="resflax report",
         description="Fig. 6 curves, the Table 6 markdown and report.md from run directories (finished or not)")
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR",
@@ -34,7 +36,7 @@ def cmd_report(argv: list[str]) -> int:
 def cmd_responses(argv: list[str]) -> int:
     from resflax.analysis import responses  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="resflax responses",
         description="Fig. 7: std of each 3x3 layer's response (after BN, before ReLU/addition) over the test set")
     ap.add_argument("--workdir", nargs="+", required=True, metavar="DIR", help="run directories (latest checkpoint)")
@@ -44,9 +46,9 @@ def cmd_responses(argv: list[str]) -> int:
     ap.add_argument("--batch_size", type=int, default=500)
     args = ap.parse_args(argv)
     if args.max_images is not None and args.max_images <= 0:
-        raise ValueError(f"--max_images must be positive, got {args.max_images}")
+        raise BadInput(f"--max_images must be positive, got {args.max_images}")
     if args.batch_size <= 0:
-        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+        raise BadInput(f"--batch_size must be positive, got {args.batch_size}")
     cache: dict = {}
     results = []
     for w in args.workdir:

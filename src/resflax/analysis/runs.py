@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from resflax.errors import BadInput
 from resflax.train.schedules import scaled_steps
 
 PAPER_NUM_STEPS, PAPER_BOUNDARIES = 64_000, (32_000, 48_000)
@@ -132,7 +133,7 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     cfg = path / "config.json"
     if not cfg.exists():
-        raise FileNotFoundError(f"{path} holds no run (no config.json)")
+        raise BadInput(f"{path} holds no run (no config.json)")
     curves, bad = read_metrics(path / "metrics.jsonl")
     config = json.loads(cfg.read_text())
     used = data_dir_used(path / "metrics.jsonl")
@@ -167,7 +168,7 @@ def collect_runs(paths: list[str | Path]) -> list[Run]:
         subs = sorted(d for d in p.iterdir() if (d / "config.json").exists() and ".old-" not in d.name) \
             if p.is_dir() else []
         if not subs:
-            raise FileNotFoundError(f"{p} holds no run (no config.json in it or in its sub-directories)")
+            raise BadInput(f"{p} holds no run (no config.json in it or in its sub-directories)")
         runs.extend(load_run(d) for d in subs)
     return runs
 

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from resflax.errors import DataError  # noqa: F401 (raised here; importable from here as before)
+
 NAME = "cifar10"
 NUM_CLASSES = 10
-
-
-class DataError(RuntimeError):
-    """The dataset could not be found or prepared; the message says where we looked and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

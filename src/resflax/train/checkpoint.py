@@ -2,19 +2,31 @@
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,meta}``; ``state`` is the TrainState pytree
 (``StandardSave``), ``meta`` a JSON dict (config, digest, ...). Orbax writes each step into a temporary
-directory and renames it when complete, so a kill mid-save leaves no half checkpoint among the steps. A
-checkpoint that fails to restore (truncated or corrupted files) is moved to
-``WORKDIR/checkpoints_damaged/`` (never deleted) with a one-line warning, and the previous one is tried;
-``meta`` carries a digest of every leaf, so silently corrupted bytes count as damage too. When every checkpoint
-is damaged the run starts from step 0 (training is deterministic, so it reproduces the same states; the
-damaged ones stay in ``checkpoints_damaged/`` for inspection). A save that fails (disk full, not writable)
-raises ``CheckpointError`` naming the step; Orbax's temporary directory is never taken for a checkpoint,
-so the previous checkpoint stays the latest valid one, and stale temporary directories are removed on the
-next start. Checkpoints are tensorstore arrays and JSON: nothing is ever unpickled.
+directory and renames it when complete, so a kill mid-save leaves no half checkpoint among the steps.
+
+Restoring classifies what goes wrong, because the two kinds of failure need opposite actions:
+
+- **Damage**: the checkpoint's own bytes fail: unreadable or invalid metadata, an item missing, files that
+  do not decode (truncated, corrupted), or contents that differ from the digest of every leaf written in
+  ``meta``. A training run moves a damaged checkpoint to ``WORKDIR/checkpoints_damaged/`` (never deleted)
+  with a one-line warning and tries the previous one; when every checkpoint is damaged the run starts from
+  step 0 (training is deterministic, so it reproduces the same states). A read-only reader (``eval``,
+  ``responses``) skips it, says so, and leaves it where it is.
+- **Anything else** raises ``RestoreError`` and leaves every checkpoint where it was: a state tree that no
+  longer matches the checkpoint's (parameter names or shapes changed by an upgrade or a config), an
+  allocation failure, a device error, an I/O error (``EIO``, permissions, an unavailable file system), or a
+  failure this module cannot attribute to the bytes.
+
+A save that fails (disk full, not writable) raises ``CheckpointError`` naming the step; Orbax's temporary
+directory is never taken for a checkpoint, so the previous checkpoint stays the latest valid one, and stale
+temporary directories are removed on the next training start. Checkpoints are tensorstore arrays and JSON:
+nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import shutil
 import time
@@ -24,19 +36,64 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from resflax.errors import CheckpointError, RestoreError
 from resflax.train import distributed
 from resflax.train.state import tree_digest
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CheckpointError", "Checkpointer", "Damaged", "RestoreError", "classify_restore_error"]
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (disk full, workdir not writable, ...)."""
+
+class Damaged(Exception):
+    """The bytes of one checkpoint are bad (internal: the caller sets it aside or skips it)."""
+
+
+# Tensorstore reports errors as ``ValueError("<STATUS>: ...")``. These statuses speak of the bytes read;
+# the others (UNAVAILABLE, PERMISSION_DENIED, RESOURCE_EXHAUSTED, ...) of the machine.
+_DAMAGE_STATUSES = ("DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE", "NOT_FOUND")
+_ENVIRONMENT_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOMEM, errno.ENOSPC, errno.EMFILE,
+                       errno.ENFILE, errno.ETIMEDOUT, errno.EAGAIN, errno.EROFS, errno.EBUSY, errno.ESTALE}
+_ALLOCATION_WORDS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def classify_restore_error(err: BaseException) -> str:
+    """``"damage"`` when ``err`` (from reading one checkpoint) shows bad bytes; else what it shows instead:
+    ``"allocation"``, ``"device"``, ``"io"`` or ``"unknown"`` (all of which leave the checkpoint alone)."""
+    chain = list(_chain(err))
+    for e in chain:  # the machine first: a bad read caused by the machine is not the checkpoint's fault
+        text = str(e)
+        if isinstance(e, MemoryError) or any(w in text for w in _ALLOCATION_WORDS):
+            return "allocation"
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            return "device"
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and (
+                e.errno in _ENVIRONMENT_ERRNOS or e.errno is None):
+            return "io"
+        if text.startswith(("UNAVAILABLE", "PERMISSION_DENIED", "DEADLINE_EXCEEDED", "UNAUTHENTICATED",
+                            "ABORTED", "CANCELLED")):
+            return "io"
+    for e in chain:
+        if isinstance(e, Damaged | json.JSONDecodeError | FileNotFoundError | UnicodeDecodeError):
+            return "damage"
+        if isinstance(e, ValueError) and str(e).startswith(_DAMAGE_STATUSES):
+            return "damage"
+        if isinstance(e, KeyError) and "not found in the checkpoint" in str(e):
+            return "damage"
+    return "unknown"
 
 
 def _barrier(name: str) -> None:
@@ -46,13 +103,72 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _key(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _tree_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {tuple(_key(k) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _stored_shapes(step_dir: Path) -> dict[tuple[str, ...], tuple[int, ...] | None]:
+    """Paths and shapes of the arrays a checkpoint holds, from its own metadata; ``Damaged`` if unreadable."""
+    meta_file = step_dir / "state" / "_METADATA"
+    try:
+        tree = json.loads(meta_file.read_text())["tree_metadata"]
+        out = {}
+        for entry in tree.values():
+            value = entry["value_metadata"]
+            if value.get("skip_deserialize") or value.get("value_type") == "None":
+                continue
+            shape = value.get("write_shape")
+            out[tuple(str(k["key"]) for k in entry["key_metadata"])] = None if shape is None else tuple(shape)
+        return out
+    except FileNotFoundError:
+        raise Damaged(f"no {meta_file.relative_to(step_dir)}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise Damaged(f"unreadable {meta_file.relative_to(step_dir)} ({_first_line(e)})") from None
+
+
+def check_tree(step: int, step_dir: Path, abstract_state: Any) -> None:
+    """Raises ``RestoreError`` when the checkpoint's arrays are not the ones ``abstract_state`` expects."""
+    want, have = _tree_shapes(abstract_state), _stored_shapes(step_dir)
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    shapes = sorted(k for k in set(want) & set(have) if have[k] is not None and have[k] != want[k])
+    if not (missing or extra or shapes):
+        return
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", extra)):
+        if keys:
+            parts.append(f"{len(keys)} {what} (e.g. {'/'.join(keys[0])})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} with other shapes (e.g. {'/'.join(k)}: {have[k]} on disk, {want[k]} now)")
+    raise RestoreError(
+        f"checkpoint {step} holds another state tree than this code builds: {', '.join(parts)}; it was "
+        "written by another version of resflax or another model, and was left where it is")
+
+
 class Checkpointer:
-    def __init__(self, workdir: str | Path, keep: int = 3):
+    """The checkpoints of one workdir. ``read_only=True`` never creates, moves or deletes anything."""
+
+    def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
         self.dir = Path(workdir).absolute() / "checkpoints"
         self.damaged_dir = Path(workdir).absolute() / "checkpoints_damaged"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        self.read_only = read_only
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                                   cleanup_tmp_directories=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "meta"))
         self._started = 0  # the step of the latest save started (an asynchronous failure belongs to it)
+        self.skipped: list[int] = []  # damaged checkpoints a read-only reader passed over
 
     def steps(self) -> list[int]:
         self.manager.reload()
@@ -61,6 +177,8 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict, host_state: Any = None) -> None:
         """Starts an (asynchronous) save of ``state`` at ``step``; a failure raises ``CheckpointError`` here or
         from the next ``save``/``wait``. ``meta`` gets a digest of every leaf, checked on restore."""
+        if self.read_only:
+            raise RuntimeError("a read-only Checkpointer cannot save")
         host_state = distributed.to_host(state) if host_state is None else host_state
         meta = {**meta, "tree_digest": tree_digest(host_state)}
         try:
@@ -87,29 +205,61 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise self._save_error(self._started, e) from e
 
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        step_dir = self.dir / str(step)
+        try:
+            json.loads((step_dir / "meta" / "metadata").read_text())
+        except (FileNotFoundError, ValueError) as e:  # other OSErrors are the machine's: classified by the caller
+            raise Damaged(f"unreadable meta/metadata ({_first_line(e)})") from None
+        check_tree(step, step_dir, abstract_state)
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+        )
+        state = out["state"]
+        jax.block_until_ready(state)
+        meta = dict(out["meta"])
+        inner = int(distributed.to_host(state.step))
+        if inner != step:
+            raise Damaged(f"step inside checkpoint is {inner}, not {step}")
+        want = meta.get("tree_digest")
+        if want and tree_digest(distributed.to_host(state)) != want:
+            raise Damaged("contents differ from the digest written with them")
+        return state, meta
+
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """The newest checkpoint that restores cleanly, as ``(state, meta)``; ``None`` if there is none."""
+        """The newest checkpoint that restores cleanly, as ``(state, meta)``; ``None`` if there is none.
+
+        A damaged checkpoint is set aside (or, read-only, skipped) and the previous one tried; any other
+        failure raises ``RestoreError`` with every checkpoint left in place."""
         for step in reversed(self.steps()):
             try:
-                out = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                    ),
-                )
-                state = out["state"]
-                jax.block_until_ready(state)
-                meta = dict(out["meta"])
-                inner = int(distributed.to_host(state.step))
-                if inner != step:
-                    raise ValueError(f"step inside checkpoint is {inner}, not {step}")
-                want = meta.get("tree_digest")
-                if want and tree_digest(distributed.to_host(state)) != want:
-                    raise ValueError("contents differ from the digest written with them")
-                return state, meta
-            except Exception as e:  # noqa: BLE001 (any failure to read means: set it aside)
-                self._set_aside(step, e)
+                return self._restore(step, abstract_state)
+            except RestoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 (classified: only damage moves on to the previous one)
+                kind = classify_restore_error(e)
+                if kind != "damage":
+                    raise self._restore_error(step, kind, e) from e
+                if self.read_only:
+                    self._skip(step, e)
+                else:
+                    self._set_aside(step, e)
         return None
+
+    def _restore_error(self, step: int, kind: str, err: BaseException) -> RestoreError:
+        why = {"allocation": "out of memory", "device": "device error", "io": "I/O error",
+               "unknown": "error"}[kind]
+        hint = ("; nothing was moved (if its files are damaged, move it out of checkpoints/ and rerun)"
+                if kind == "unknown" else "; nothing was moved, rerun when the cause is fixed")
+        return RestoreError(f"cannot restore checkpoint {step} in {self.dir} ({why}: {_first_line(err)}){hint}")
+
+    def _skip(self, step: int, err: Exception) -> None:
+        self.skipped.append(step)
+        log.info("checkpoint %s could not be restored", step, exc_info=err)
+        if jax.process_index() == 0:
+            print(f"WARNING: checkpoint {step} is damaged ({_first_line(err)}); skipped and left in place "
+                  "(the next `resflax train` of this workdir sets it aside)", flush=True)
 
     def _set_aside(self, step: int, err: Exception) -> None:
         src = self.dir / str(step)
@@ -127,6 +277,7 @@ class Checkpointer:
 
     def close(self) -> None:
         try:
-            self.wait()
+            if not self.read_only:
+                self.wait()
         finally:
             self.manager.close()

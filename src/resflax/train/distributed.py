@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from resflax.errors import BadInput
+
 _initialized = False
 
 
@@ -32,7 +34,7 @@ def maybe_initialize(config: Any = None) -> bool:
     mode = config.get("distributed") if config is not None and hasattr(config, "get") else None
     mode = mode or os.environ.get("RESFLAX_DISTRIBUTED")
     if mode not in (None, "", "auto", "off"):
-        raise ValueError(f"distributed must be 'auto', 'off' or unset, got {mode!r}")
+        raise BadInput(f"distributed must be 'auto', 'off' or unset, got {mode!r}")
     if mode == "off" or (not addr and mode != "auto"):
         return False
     kw = {}
@@ -41,10 +43,10 @@ def maybe_initialize(config: Any = None) -> bool:
             n = int(get("num_processes", "RESFLAX_NUM_PROCESSES"))
             pid = int(get("process_id", "RESFLAX_PROCESS_ID"))
         except (TypeError, ValueError):
-            raise ValueError(f"coordinator_address {addr!r} needs num_processes and process_id (config or "
+            raise BadInput(f"coordinator_address {addr!r} needs num_processes and process_id (config or "
                              "RESFLAX_NUM_PROCESSES/RESFLAX_PROCESS_ID)") from None
         if not 0 <= pid < n:
-            raise ValueError(f"process_id {pid} is not in [0, {n})")
+            raise BadInput(f"process_id {pid} is not in [0, {n})")
         kw = dict(coordinator_address=addr, num_processes=n, process_id=pid)
     # CPU processes need a collectives implementation for cross-process pmean (no effect on GPU/TPU).
     # Must be set before the backend starts, so no jax.devices()/default_backend() call precedes it.

@@ -1,4 +1,8 @@
-"""Evaluate the latest checkpoint of a workdir on the full test split (every image exactly once)."""
+"""Evaluate the latest checkpoint of a workdir on the full test split (every image exactly once).
+
+Read-only: nothing in the workdir is created, moved or deleted (a damaged checkpoint is skipped with a
+warning and left for the next ``resflax train`` to set aside), so it is safe while a training run holds the
+workdir."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import jax
 import ml_collections
 
 from resflax.data import cifar10
+from resflax.errors import BadInput
 from resflax.train import loop
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
@@ -21,12 +26,14 @@ from resflax.train.distributed import to_host
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
     f = Path(workdir) / "config.json"
     if not f.exists():
-        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
+        raise BadInput(f"{workdir} holds no run (no config.json)")
     return ml_collections.ConfigDict(json.loads(f.read_text()))
 
 
-def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None, num_devices: int = 0):
-    """(config, plan, state) of the latest good checkpoint in ``workdir``."""
+def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None, num_devices: int = 0,
+            skipped: list[int] | None = None):
+    """(config, plan, state) of the latest good checkpoint in ``workdir``, read-only; the steps of damaged
+    checkpoints passed over are appended to ``skipped``."""
     config = config or load_config(workdir)
     config.num_devices = num_devices
     p = loop.plan(config)
@@ -35,13 +42,15 @@ def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None
     init = state_lib.init_state(p.model, tx_fn, config.seed, (32, 32, 3), config.warmup)
     rep = jax.sharding.NamedSharding(p.mesh, jax.sharding.PartitionSpec())
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), init)
-    ckpt = Checkpointer(workdir)
+    ckpt = Checkpointer(workdir, read_only=True)
     try:
         restored = ckpt.restore_latest(abstract)
     finally:
         ckpt.close()
+    if skipped is not None:
+        skipped.extend(ckpt.skipped)
     if restored is None:
-        raise FileNotFoundError(f"{workdir} has no checkpoint to evaluate")
+        raise BadInput(f"{workdir} has no checkpoint to evaluate")
     return config, p, restored[0]
 
 
@@ -49,11 +58,12 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None) -> dict[s
     config = load_config(workdir)
     if data_dir:
         config.data_dir = data_dir
-    config, p, state = restore(workdir, config)
+    skipped: list[int] = []
+    config, p, state = restore(workdir, config, skipped=skipped)
     data = cifar10.load(p.data_dir, config.val_examples)
     mean = step_lib.replicate(data.mean, p.mesh)
     eval_step = step_lib.make_eval_step(p.model, p.mesh)
     r = step_lib.evaluate(eval_step, state, data.test.images, data.test.labels, mean, config.eval_batch_size, p.mesh)
     return {"workdir": str(workdir), "model": config.model, "step": int(to_host(state.step)),
             "test_error": r["error"], "test_loss": r["loss"], "test_examples": r["count"],
-            "state_digest": state_lib.state_digest(to_host(state))}
+            "state_digest": state_lib.state_digest(to_host(state)), "skipped_damaged": skipped}

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from resflax.data import cifar10
+from resflax.errors import BadInput, DivergenceError
 from resflax.models import get_model
 from resflax.train import distributed, schedules
 from resflax.train import state as state_lib
@@ -30,10 +31,6 @@ from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class DivergenceError(RuntimeError):
-    """The loss or the parameters became non-finite."""
 
 
 @dataclasses.dataclass
@@ -49,16 +46,25 @@ class Plan:
 
 
 def plan(config: ml_collections.ConfigDict) -> Plan:
-    """Validates the config and derives the run's plan; raises ``ValueError``/``DataError`` on bad input."""
+    """Validates the config and derives the run's plan; raises ``BadInput``/``DataError`` on bad input."""
+    try:
+        return _plan(config)
+    except (ValueError, TypeError, KeyError) as e:  # validation of the config's values and the model's fields
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def _plan(config: ml_collections.ConfigDict) -> Plan:
     if config.dataset != "cifar10":
-        raise ValueError(f"dataset {config.dataset!r} is not supported by this loop (only 'cifar10')")
+        raise BadInput(f"dataset {config.dataset!r} is not supported by this loop (only 'cifar10')")
     if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        raise BadInput(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     if config.weight_decay_on not in ("all", "kernels"):
-        raise ValueError(f"weight_decay_on must be 'all' or 'kernels', got {config.weight_decay_on!r}")
+        raise BadInput(f"weight_decay_on must be 'all' or 'kernels', got {config.weight_decay_on!r}")
     for key in ("batch_size", "num_steps", "eval_batch_size", "checkpoint_every_steps", "log_every_steps"):
         if config[key] <= 0:
-            raise ValueError(f"{key} must be positive, got {config[key]}")
+            raise BadInput(f"{key} must be positive, got {config[key]}")
     overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
                      zero_init_last_bn=config.zero_init_last_bn, dtype=DTYPES[config.dtype],
                      bn_axis_name=step_lib.AXIS if config.bn_sync else None)
@@ -67,18 +73,18 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
             overrides[key] = config[key]
     if config.get("scan_min_blocks") is not None:
         if config.scan_min_blocks < 0:
-            raise ValueError(f"scan_min_blocks must be >= 0 (0: never scan), got {config.scan_min_blocks}")
+            raise BadInput(f"scan_min_blocks must be >= 0 (0: never scan), got {config.scan_min_blocks}")
         overrides["scan_min_blocks"] = config.scan_min_blocks or None
     model = get_model(config.model, **overrides)
     if model.stem != "cifar":
-        raise ValueError(f"model {config.model!r} is an ImageNet model; CIFAR-10 needs a CIFAR model")
+        raise BadInput(f"model {config.model!r} is an ImageNet model; CIFAR-10 needs a CIFAR model")
     ndev = config.num_devices or jax.device_count()
     if config.batch_size % ndev:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
+        raise BadInput(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
     mesh = step_lib.make_mesh(ndev)
     scale = config.schedule_scale
     if scale <= 0:
-        raise ValueError(f"schedule_scale must be positive, got {scale}")
+        raise BadInput(f"schedule_scale must be positive, got {scale}")
     num_steps = schedules.scaled_steps(config.num_steps, scale)
     boundaries = tuple(schedules.scaled_steps(b, scale) for b in config.lr_boundaries)
     step_cfg = step_lib.step_config(

@@ -10,15 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from resflax.errors import WorkdirError, WriteError
+
 # Config keys that may change between a run and its resumption without making it another experiment.
 RESUMABLE_KEYS = frozenset(
     {"data_dir", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress", "eval_every_steps",
      "eval_batch_size", "num_steps", "distributed", "coordinator_address", "num_processes", "process_id"}
 )
-
-
-class WorkdirError(RuntimeError):
-    """The workdir cannot be used as asked (in use, another experiment, not writable)."""
 
 
 class Lock:
@@ -60,13 +58,18 @@ def prepare(workdir: str | Path) -> Path:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as JSON via a temporary file and a rename: a kill leaves the old file or the new one."""
+    """Writes ``obj`` as JSON via a temporary file and a rename: a kill leaves the old file or the new one.
+    A failure raises ``WriteError`` naming the file (the old file, if any, is untouched)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _parse(line: str) -> dict[str, Any] | None:
@@ -110,8 +113,36 @@ def set_aside(workdir: Path) -> Path | None:
     return dst
 
 
+class _TensorBoard:
+    """TensorBoard scalars written synchronously (tensorboardX's event format, without its writer thread, so
+    that a failed write raises here instead of silently killing a thread and then blocking its queue)."""
+
+    def __init__(self, logdir: Path, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter  # noqa: PLC0415
+        from tensorboardX.proto.event_pb2 import Event, SessionLog  # noqa: PLC0415
+        from tensorboardX.summary import scalar  # noqa: PLC0415
+
+        self._event, self._scalar = Event, scalar
+        self.logdir = logdir
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.writer = EventsWriter(str(logdir / "events"))
+        if purge_step:  # TensorBoard hides the events of this file's earlier runs from this step on
+            self.writer.write_event(Event(wall_time=time.time(), step=purge_step,
+                                          session_log=SessionLog(status=SessionLog.START)))
+        self.writer.flush()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.write_event(self._event(wall_time=time.time(), step=step, summary=self._scalar(tag, value)))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class MetricsWriter:
-    """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (``WORKDIR/tb``)."""
+    """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (``WORKDIR/tb``); a failed write
+    raises ``WriteError`` naming the file."""
 
     def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
@@ -119,28 +150,42 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
-        if self.path.exists():
-            # Drop lines written after the checkpoint we resume from (they will be written again, identically)
-            # and lines torn by a kill mid-write.
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if (r := _parse(ln)) is not None and r.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            tmp.replace(self.path)
-        from tensorboardX import SummaryWriter  # noqa: PLC0415
-
-        self.tb = SummaryWriter(str(workdir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        try:
+            if self.path.exists():
+                # Drop lines written after the checkpoint we resume from (they will be written again,
+                # identically) and lines torn by a kill mid-write.
+                keep = [ln for ln in self.path.read_text().splitlines()
+                        if (r := _parse(ln)) is not None and r.get("step", 0) <= resume_step]
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(k + "\n" for k in keep))
+                tmp.replace(self.path)
+        except OSError as e:
+            raise WriteError(f"cannot write {self.path}: {e.strerror or e}") from e
+        try:
+            self.tb = _TensorBoard(workdir / "tb", resume_step + 1 if resume_step else None)
+        except OSError as e:
+            raise WriteError(f"cannot write TensorBoard events in {workdir / 'tb'}: {e.strerror or e}") from e
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise WriteError(f"cannot write {self.path}: {e.strerror or e}") from e
         split = record.get("split")
-        for k, v in record.items():
-            if k not in ("step", "split", "event") and isinstance(v, int | float) and split:
-                self.tb.add_scalar(f"{split}/{k}", v, record["step"])
+        values = {f"{split}/{k}": v for k, v in record.items()
+                  if split and k not in ("step", "split", "event") and isinstance(v, int | float)}
+        if values:
+            try:
+                self.tb.scalars(values, record["step"])
+            except OSError as e:
+                raise WriteError(f"cannot write TensorBoard events in {self.tb.logdir}: {e.strerror or e}") from e
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:
+                pass  # every event was flushed when written
