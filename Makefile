@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
-SCHEDULE ?= 1.0
+SCHEDULE_SCALE ?= 1.0
 # The shared CIFAR-10 copy beside this checkout is used when TFDS_DATA_DIR is not set.
 ifneq ($(wildcard ../shared/tfds/cifar10),)
 export TFDS_DATA_DIR ?= $(abspath ../shared/tfds)
@@ -15,8 +15,9 @@ CIFAR_MODELS := resnet20 resnet32 resnet44 resnet56 resnet110 resnet1202 plain20
 DEGRADATION := plain20 plain32 plain44 plain56 plain110 resnet20 resnet32 resnet44 resnet56 resnet110
 TABLE6      := resnet20 resnet32 resnet44 resnet56 resnet1202
 STUDY       := plain20 resnet20 plain56 resnet56
-STUDY_SCALE ?= 0.01
-rundir = runs/cifar-$(1)$(if $(filter-out 1.0,$(SCHEDULE)),-s$(SCHEDULE))
+# make study runs at schedule_scale 0.01 unless SCHEDULE_SCALE is given on the command line
+STUDY_SCHEDULE_SCALE = $(if $(filter command line,$(origin SCHEDULE_SCALE)),$(SCHEDULE_SCALE),0.01)
+rundir = runs/cifar-$(1)$(if $(filter-out 1.0,$(SCHEDULE_SCALE)),-s$(SCHEDULE_SCALE))
 
 .PHONY: venv test test-fast lint demo data summary bench clean cifar-degradation cifar-table6 study \
 	$(addprefix cifar-,$(CIFAR_MODELS))
@@ -51,27 +52,27 @@ data: venv
 demo: data
 	$(BIN)/resflax train --config=experiments/cifar10.py:runlocal --workdir=runs/demo $(ARGS)
 
-# The paper's recipe (64k iterations) for each CIFAR-10 model; SCHEDULE=0.1 scales every step count.
+# The paper's recipe (64k iterations) for each CIFAR-10 model; SCHEDULE_SCALE=0.1 scales every step count.
 $(addprefix cifar-,$(CIFAR_MODELS)): cifar-%: data
-	$(BIN)/resflax train --config=experiments/cifar10.py:$*,scale=$(SCHEDULE) --workdir=$(call rundir,$*) $(ARGS)
+	$(BIN)/resflax train --config=experiments/cifar10.py:$*,schedule_scale=$(SCHEDULE_SCALE) --workdir=$(call rundir,$*) $(ARGS)
 
 # Fig. 6 (plain vs residual at 20..110 layers) and Table 6 (ResNet-20..1202, ResNet-110 over 5 seeds).
-# One workdir per run: spread them over machines, or rerun to resume. SCHEDULE=0.1 scales every step count.
+# One workdir per run: spread them over machines, or rerun to resume. SCHEDULE_SCALE=0.1 scales every step count.
 cifar-degradation: data
 	for m in $(DEGRADATION); do $(MAKE) --no-print-directory cifar-$$m || exit 1; done
 	$(BIN)/resflax report $(foreach m,$(DEGRADATION),$(call rundir,$(m))) --out $(call rundir,degradation-report)
 
 cifar-table6: data
 	for m in $(TABLE6); do $(MAKE) --no-print-directory cifar-$$m || exit 1; done
-	for s in 0 1 2 3 4; do $(BIN)/resflax train --config=experiments/cifar10.py:resnet110,seed=$$s,scale=$(SCHEDULE) \
+	for s in 0 1 2 3 4; do $(BIN)/resflax train --config=experiments/cifar10.py:resnet110,seed=$$s,schedule_scale=$(SCHEDULE_SCALE) \
 	  --workdir=$(call rundir,resnet110-seed$$s) $(ARGS) || exit 1; done
 	$(BIN)/resflax report $(foreach m,$(TABLE6),$(call rundir,$(m))) $(foreach s,0 1 2 3 4,$(call rundir,resnet110-seed$(s))) \
 	  --out $(call rundir,table6-report)
 
-# The short CPU study committed under docs/study: plain/ResNet at 20 and 56 layers, schedule x STUDY_SCALE
+# The short CPU study committed under docs/study: plain/ResNet at 20 and 56 layers, schedule x 0.01
 # (0.01: 640 steps, lr 0.1 / 0.01 / 0.001 from steps 0 / 320 / 480; about 40 min on 2 idle cores).
 study: data
-	for m in $(STUDY); do $(BIN)/resflax train --config=experiments/cifar10.py:$$m,scale=$(STUDY_SCALE) \
+	for m in $(STUDY); do $(BIN)/resflax train --config=experiments/cifar10.py:$$m,schedule_scale=$(STUDY_SCHEDULE_SCALE) \
 	  --workdir=runs/study/$$m --config.progress=False --config.eval_every_steps=160 $(ARGS) || exit 1; done
 	$(BIN)/resflax report $(addprefix runs/study/,$(STUDY)) --out docs/study
 	$(BIN)/resflax responses --workdir $(addprefix runs/study/,$(STUDY)) --out docs/study

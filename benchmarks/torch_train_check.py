@@ -3,7 +3,7 @@
     python benchmarks/torch_train_check.py --model resnet56 --steps 640 --scale 0.01
 
 Trains ``benchmarks/torch_reference.py``'s network on CIFAR-10 (decoded by resflax's own loader) with the
-paper's recipe scaled like ``experiments/cifar10.py:MODEL,scale=S`` (SGD 0.9, weight decay 1e-4 on every
+paper's recipe scaled like ``experiments/cifar10.py:MODEL,schedule_scale=S`` (SGD 0.9, weight decay 1e-4 on every
 parameter, lr 0.1 / 0.01 / 0.001, per-pixel mean, 4-pixel zero padding + random crop + flip, batch 128) and
 prints the training error (percent, mean over each 50-step window) and the final test error, for comparison
 with a resflax run's metrics.jsonl. Needs the ``torch`` extra.

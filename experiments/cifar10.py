@@ -12,12 +12,15 @@ padding + random 32x32 crop + horizontal flip; ResNet-110/1202 start at lr 0.01 
 training error is below 80%, then go back to 0.1. BN statistics per device (the paper's two GPUs) unless
 ``bn_sync``.
 
-The argument after ``:`` is the model, optionally followed by typed settings:
-``experiments/cifar10.py:resnet56,seed=3,val=5000,scale=0.1`` (``val``: hold out that many training
-images as a validation split, the paper's 45k/5k is ``val=5000``; ``scale``: multiply the schedule's step
-counts, 1.0 = paper). ``:runlocal`` is a CPU-sized smoke run (ResNet-20, 600 steps, scaled schedule).
-Everything else is overridable on the command line, e.g. ``--config.num_steps=1000``; a misspelt key is
-an error.
+The argument after ``:`` is the model, optionally followed by typed settings named like the config keys
+they set: ``experiments/cifar10.py:resnet56,seed=3,val_examples=5000,schedule_scale=0.1``
+(``val_examples``: hold out that many training images as a validation split, the paper's 45k/5k is
+``val_examples=5000``; ``schedule_scale``: multiply every step count of the schedule, the lr boundaries and
+the end, 1.0 = paper). ``:runlocal`` is a CPU-sized smoke run (ResNet-20, 600 steps, scaled schedule).
+Every key is overridable on the command line, e.g. ``--config.schedule_scale=0.05``; a misspelt key is an
+error; ``resflax train --help`` lists them. ``num_steps`` alone only ends a run early (the lr boundaries
+stay where they are, and a larger ``num_steps`` later resumes it): use ``schedule_scale`` for a shorter
+schedule.
 """
 
 import ml_collections
@@ -28,7 +31,7 @@ WARMUP_MODELS = ("resnet110", "resnet1202")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg or "resnet20", model="resnet20", seed=0, val=0, scale=1.0)
+    a = parse_arg(arg or "resnet20", model="resnet20", seed=0, val_examples=0, schedule_scale=1.0)
     c = ml_collections.ConfigDict()
     runlocal = a.model == "runlocal"
     c.model = "resnet20" if runlocal else a.model
@@ -45,25 +48,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.dataset = "cifar10"
     c.data_dir = ml_collections.config_dict.placeholder(str)  # else $TFDS_DATA_DIR, ~/tensorflow_datasets
-    c.val_examples = a.val
+    c.val_examples = a.val_examples  # training images held out as a validation split; 0 = none (train on 50k)
 
-    c.seed = a.seed
-    c.batch_size = 128
+    c.seed = a.seed  # fixes initialisation, data order and augmentation
+    c.batch_size = 128  # global batch, split over the devices
     c.eval_batch_size = 500
-    c.schedule_scale = 0.0094 if runlocal else a.scale  # 64k * 0.0094 ~ 600 steps
-    c.num_steps = 64_000
+    # multiplies num_steps and lr_boundaries (1.0 = the paper's 64k schedule); runlocal: 64k * 0.0094 ~ 600
+    c.schedule_scale = 0.0094 if runlocal else a.schedule_scale
+    c.num_steps = 64_000  # the end (before schedule_scale); smaller alone = stop early, boundaries unchanged
     c.base_lr = 0.1
     c.lr_boundaries = (32_000, 48_000)
     c.lr_factor = 0.1
     c.momentum = 0.9
     c.weight_decay = 1e-4
     c.weight_decay_on = "all"  # or "kernels" (conv/fc kernels only)
-    c.warmup = c.model in WARMUP_MODELS
+    c.warmup = c.model in WARMUP_MODELS  # ResNet-110/1202: lr warmup_lr until training error < warmup_until_error
     c.warmup_lr = 0.01
     c.warmup_until_error = 0.8
 
     c.bn_sync = False  # True: BN statistics over the global batch (identical for any device count)
-    c.num_devices = 0  # 0 = all local devices
+    c.num_devices = 0  # devices to use; 0 = all
 
     # Multi-process (one process per host): "auto" lets JAX detect TPU pods/SLURM; or give the coordinator
     # explicitly (also from RESFLAX_COORDINATOR, RESFLAX_NUM_PROCESSES, RESFLAX_PROCESS_ID). None: one process.
@@ -72,9 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_processes = ml_collections.config_dict.placeholder(int)
     c.process_id = ml_collections.config_dict.placeholder(int)
 
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.eval_every_steps = 0  # 0 = once per epoch
-    c.log_every_steps = 50
-    c.progress = True
+    c.checkpoint_every_steps = 1000  # also at the end and on SIGTERM/SIGINT
+    c.keep_checkpoints = 3  # the newest N are kept (>= 1)
+    c.eval_every_steps = 0  # test (and val) error every N steps; 0 = once per epoch
+    c.log_every_steps = 50  # a training record in metrics.jsonl / TensorBoard every N steps
+    c.progress = True  # tqdm progress bar
     return c

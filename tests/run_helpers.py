@@ -112,4 +112,4 @@ def reference(tmp_path_factory) -> tuple[str, Path]:
 def metrics(workdir: Path) -> list[dict]:
     """metrics.jsonl without the per-start ``data`` events and the timing field."""
     rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows if r.get("event") != "data"]
+    return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows if r.get("event") not in ("data", "config")]

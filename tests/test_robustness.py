@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import run_helpers as rh
+from conftest import damage
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from test_train import _ckpt_steps, mock, tiny_config
 
@@ -115,39 +116,12 @@ def test_busy_workdir_message(tmp_path, capsys):
 
 # ---- damaged checkpoints (in process, mock data)
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    """A finished tiny run with checkpoints 3 and 6, and its digest."""
-    w = tmp_path_factory.mktemp("pristine") / "run"
-    with mock():
-        out = loop.train_and_evaluate(tiny_config(), str(w))
-    assert _ckpt_steps(w) == [3, 6]
-    return w, out["state_digest"]
-
-
-def _damage(step_dir: Path, how: str) -> None:
-    files = sorted((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    if how == "truncate":  # every file cut in half
-        for f in files:
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    elif how == "garbage":  # the middle of the largest file overwritten
-        f = files[-1]
-        b = bytearray(f.read_bytes())
-        mid = len(b) // 2
-        b[mid: mid + 256] = bytes(random.Random(0).randrange(256) for _ in range(len(b[mid: mid + 256])))
-        f.write_bytes(bytes(b))
-    elif how == "meta":
-        (step_dir / "meta" / "metadata").write_text('{"config": ')
-    elif how == "empty":
-        shutil.rmtree(step_dir / "state")
-
-
 @pytest.mark.parametrize("how", ["truncate", "garbage", "meta", "empty"])
 def test_damaged_latest_checkpoint_is_set_aside(tmp_path, pristine, capsys, how):
     src, want = pristine
     w = tmp_path / "run"
     shutil.copytree(src, w)
-    _damage(w / "checkpoints" / "6", how)
+    damage(w / "checkpoints" / "6", how)
     capsys.readouterr()
     with mock():
         out = loop.train_and_evaluate(tiny_config(), str(w))
@@ -168,8 +142,8 @@ def test_all_checkpoints_damaged_starts_from_scratch(tmp_path, pristine, capsys)
     src, want = pristine
     w = tmp_path / "run"
     shutil.copytree(src, w)
-    _damage(w / "checkpoints" / "6", "truncate")
-    _damage(w / "checkpoints" / "3", "meta")
+    damage(w / "checkpoints" / "6", "truncate")
+    damage(w / "checkpoints" / "3", "meta")
     capsys.readouterr()
     with mock():
         out = loop.train_and_evaluate(tiny_config(), str(w))

@@ -48,7 +48,7 @@ def test_config_defaults_are_the_papers():
     assert (c.batch_size, c.base_lr, c.momentum, c.weight_decay) == (128, 0.1, 0.9, 1e-4)
     assert tuple(c.lr_boundaries) == (32_000, 48_000) and c.num_steps == 64_000 and c.lr_factor == 0.1
     assert c.warmup is False
-    c110 = load_experiment().get_config("resnet110,seed=3,val=5000")
+    c110 = load_experiment().get_config("resnet110,seed=3,val_examples=5000")
     assert c110.warmup is True and c110.warmup_lr == 0.01 and c110.warmup_until_error == 0.8
     assert c110.seed == 3 and c110.val_examples == 5000
     assert load_experiment().get_config("resnet1202").warmup is True

@@ -47,8 +47,15 @@ def test_resume_is_bit_exact(tmp_path):
     # metrics.jsonl of the resumed run equals the uninterrupted one line for line (img/s aside)
     def lines(d):
         rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows if r.get("event") != "data"]
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows
+                if r.get("event") not in ("data", "config")]
     assert lines("b") == lines("a")
+    # the resumption's longer num_steps is recorded (config.json holds the settings in force; the change is
+    # in metrics.jsonl), so a report sees the run's real end
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r.get("event") == "config"] == [{"step": 3, "event": "config",
+                                                                "changed": {"num_steps": [3, 6]}}]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["num_steps"] == 6
     # each (re)start records the data it used
     data = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     data = [r for r in data if r.get("event") == "data"]

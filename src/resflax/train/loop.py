@@ -30,7 +30,7 @@ from resflax.train import workdir as wd
 from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -58,11 +58,15 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
 def _plan(config: ml_collections.ConfigDict) -> Plan:
     if config.dataset != "cifar10":
         raise BadInput(f"dataset {config.dataset!r} is not supported by this loop (only 'cifar10')")
+    if config.dtype == "float16":
+        raise BadInput("dtype float16 needs loss scaling, which resflax does not implement; use bfloat16 (float32 "
+                       "range, no scaling needed) or float32")
     if config.dtype not in DTYPES:
         raise BadInput(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     if config.weight_decay_on not in ("all", "kernels"):
         raise BadInput(f"weight_decay_on must be 'all' or 'kernels', got {config.weight_decay_on!r}")
-    for key in ("batch_size", "num_steps", "eval_batch_size", "checkpoint_every_steps", "log_every_steps"):
+    for key in ("batch_size", "num_steps", "eval_batch_size", "checkpoint_every_steps", "log_every_steps",
+                "keep_checkpoints"):
         if config[key] <= 0:
             raise BadInput(f"{key} must be positive, got {config[key]}")
     overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
@@ -173,8 +177,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_ov
 def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     say = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
-    if is_main and not (path / "config.json").exists():
+    # config.json always holds the settings in force; what a resumption changed goes into metrics.jsonl
+    changes = wd.resumable_changes(path, cfg_dict) if is_main else {}
+    if is_main and (changes or not (path / "config.json").exists()):
         wd.write_json_atomic(path / "config.json", cfg_dict)
+    last_boundary = max(p.boundaries, default=0)
+    if p.num_steps < last_boundary:
+        say(f"note: the run stops at step {p.num_steps}, before the learning rate drops at "
+            f"{', '.join(str(b) for b in p.boundaries if b > p.num_steps)}: num_steps only ends a run early (a "
+            "larger num_steps later resumes it); schedule_scale rescales the whole schedule")
     t0 = time.time()
     data = cifar10.load(p.data_dir, config.val_examples)
     say(f"CIFAR-10 from {data.data_dir}: {len(data.train)} train / {len(data.test)} test"
@@ -189,8 +200,10 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
             p.mesh, jax.sharding.PartitionSpec())), init)
     restored = ckpt.restore_latest(abstract)
+    devices_before = None
     if restored is not None:
-        state, _ = restored
+        state, meta = restored
+        devices_before = meta.get("devices")
         say(f"resumed from step {int(to_host(state.step))}")
     else:
         state = step_lib.replicate(init, p.mesh)
@@ -205,6 +218,21 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
     writer.write({"step": start, "event": "data", "data_dir": data.data_dir, "train": len(data.train),
                   "test": len(data.test), "val": len(data.val) if data.val else 0,
                   "processes": jax.process_count(), "devices": int(p.mesh.size)})
+    if changes:
+        writer.write({"step": start, "event": "config", "changed": changes})
+        say("settings changed since the last start: "
+            + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    if devices_before is not None and devices_before != p.mesh.size:
+        if config.bn_sync:
+            consequence = "BatchNorm statistics are global (bn_sync), so training goes on as before"
+        else:
+            consequence = (f"per-device BatchNorm now normalises over {config.batch_size // p.mesh.size} images "
+                           f"instead of {config.batch_size // devices_before}: the run continues correctly but "
+                           "will not reproduce an uninterrupted run bit for bit")
+        writer.write({"step": start, "event": "devices_changed", "from": devices_before, "to": int(p.mesh.size),
+                      "consequence": consequence})
+        say(f"note: resumed on {p.mesh.size} devices, checkpoint {start} was written on {devices_before}; "
+            + consequence)
 
     def run_eval(s, step):
         out = {}
@@ -223,8 +251,8 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
         host = to_host(s)
         if not _all_finite((host.params, host.batch_stats)):
             raise DivergenceError(f"non-finite parameters at step {step}; last good checkpoint kept")
-        ckpt.save(step, s, {"config": cfg_dict, "step": step, "state_digest": state_lib.state_digest(host)},
-                  host_state=host)
+        ckpt.save(step, s, {"config": cfg_dict, "step": step, "state_digest": state_lib.state_digest(host),
+                            "devices": int(p.mesh.size), "processes": jax.process_count()}, host_state=host)
         saved[0] = step
 
     pending: list[tuple[int, Any]] = []
@@ -288,8 +316,12 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
         raise
     if bar is not None:
         bar.close()
-    if pre.requested:
+    if pre.requested and saved[0] == step and step > start:
         say(f"stopped by signal at step {step}; checkpoint written, rerun the same command to resume")
+    elif pre.requested:
+        latest = f"the latest checkpoint is step {start}" if restored is not None else "there is no checkpoint yet"
+        say(f"stopped by signal before the first step; nothing new to checkpoint ({latest}), rerun the same "
+            "command to resume")
     final_step = int(to_host(state.step))
     if final_step >= p.num_steps and "test" not in last_eval:
         last_eval = run_eval(state, final_step)

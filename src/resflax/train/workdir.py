@@ -103,6 +103,15 @@ def check_experiment(workdir: Path, config: dict[str, Any]) -> None:
         )
 
 
+def resumable_changes(workdir: Path, config: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{key: [old, new]}`` for the resumable settings that differ from the workdir's ``config.json``."""
+    f = workdir / "config.json"
+    if not f.exists():
+        return {}
+    old, new = json.loads(f.read_text()), json.loads(json.dumps(config))
+    return {k: [old.get(k), new.get(k)] for k in sorted(RESUMABLE_KEYS) if old.get(k) != new.get(k)}
+
+
 def set_aside(workdir: Path) -> Path | None:
     """Moves an existing run out of the way (``WORKDIR.old-<time>``), for ``--start_over``; loses nothing."""
     if not workdir.exists() or not any(workdir.iterdir()):
