@@ -75,6 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0
     c.num_processes = ml_collections.config_dict.placeholder(int)
     c.process_id = ml_collections.config_dict.placeholder(int)
+    c.preemption_check_every_steps = 10  # several processes agree on a signal's stop step every N steps
+    c.peer_timeout_s = 30  # a process silent this long is dead: the others stop (exit 2) instead of hanging
 
     c.checkpoint_every_steps = 1000  # also at the end and on SIGTERM/SIGINT
     c.keep_checkpoints = 3  # the newest N are kept (>= 1)

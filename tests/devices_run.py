@@ -1,24 +1,96 @@
 """Helper for tests: a few train steps of a tiny model on synthetic data, losses printed as JSON.
 
-Run as ``XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/devices_run.py N SYNC [scan]``.
+Run as ``XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/devices_run.py N SYNC [scan]``, or
+``... devices_run.py N bncheck OUT.npz`` for the per-device BatchNorm check (see ``bn_check``).
 """
 
 import json
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from synthetic import tiny_step
 
-from resflax.models import get_model
+from resflax.data import augment
+from resflax.models import fastops, get_model
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 
+BN_LOCAL, BN_SHAPE = 3, (4, 4, 5)  # images per device and image shape of the single-layer BatchNorm check
+
+
+def _put(arrays, name, tree):
+    """Saves the leaves of ``tree`` as ``name/<keystr path>`` (``name`` alone for an array)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
+        arrays[name + ("/" + jax.tree_util.keystr(path) if path else "")] = np.asarray(leaf)
+
+
+def bn_check(ndev, out):
+    """Saves (npz) what the per-device BatchNorm check of test_parallel compares with numpy:
+
+    * ``layer/...``: one BatchNorm layer (``fast`` and ``flax``, per device ``local`` or synchronised ``sync``)
+      run in train mode under ``shard_map`` over ``ndev`` devices, each device holding ``BN_LOCAL`` images of
+      a batch whose slices have very different statistics; the updated running statistics are pmean'd over
+      the devices, as the train step does. Inputs, parameters, outputs, statistics.
+    * ``step/...``: one real train step (``make_train_step``) of ResNet-8 with per-device BN on 16 images:
+      the initial params/batch_stats, the global batch the step draws and augments (rebuilt here with the
+      step's own functions), the loss and learning rate, and the params/batch_stats after the step.
+    """
+    arrays = {}
+    mesh = step_lib.make_mesh(ndev)
+    rs = np.random.RandomState(0)
+    c = BN_SHAPE[-1]
+    x = np.concatenate([rs.randn(BN_LOCAL, *BN_SHAPE) * (1 + d) + 2 * d - 1 for d in range(ndev)]).astype(np.float32)
+    params = {"scale": (rs.rand(c) + 0.5).astype(np.float32), "bias": rs.randn(c).astype(np.float32)}
+    stats = {"mean": rs.randn(c).astype(np.float32), "var": (rs.rand(c) + 0.5).astype(np.float32)}
+    _put(arrays, "layer/x", x)
+    _put(arrays, "layer/params", params)
+    _put(arrays, "layer/stats", stats)
+    for impl, cls in (("fast", fastops.BatchNorm), ("flax", nn.BatchNorm)):
+        for mode, axis in (("local", None), ("sync", step_lib.AXIS)):
+            bn = cls(momentum=0.9, epsilon=1e-5, axis_name=axis)
+
+            def per_device(xs, bn=bn):
+                y, upd = bn.apply({"params": params, "batch_stats": stats}, xs, use_running_average=False,
+                                  mutable=["batch_stats"])
+                return y, jax.lax.pmean(upd["batch_stats"], step_lib.AXIS)
+
+            f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(step_lib.AXIS),
+                                      out_specs=(P(step_lib.AXIS), P()), check_vma=False))
+            y, new_stats = f(x)
+            _put(arrays, f"layer/{impl}/{mode}/y", y)
+            _put(arrays, f"layer/{impl}/{mode}/stats", new_stats)
+
+    model = get_model("resnet8")  # bn_axis_name=None: statistics per device
+    step, s, data = tiny_step(model, ndev)
+    host = jax.device_get(s)
+    _put(arrays, "step/params0", host.params)
+    _put(arrays, "step/batch_stats0", host.batch_stats)
+    # the global batch of step 0, as make_train_step draws it (device d takes rows d*local:(d+1)*local)
+    images, labels, mean = (np.asarray(a) for a in data)
+    rng_data, rng_aug = step_lib._keys(host)
+    gidx = np.asarray(step_lib.batch_indices(rng_data, jnp.asarray(host.step), len(labels), 16))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng_aug, jnp.arange(16))
+    _put(arrays, "step/x", augment.train_augment(jnp.asarray(images[gidx]), jnp.asarray(mean), keys))
+    _put(arrays, "step/y", labels[gidx])
+    s, m = step(s, *data)
+    _put(arrays, "step/metrics", m)
+    _put(arrays, "step/params1", s.params)
+    _put(arrays, "step/batch_stats1", s.batch_stats)
+    np.savez(out, **arrays)
+    print(json.dumps({"devices": jax.device_count(), "saved": len(arrays)}))
+
 
 def main():
-    ndev, sync = int(sys.argv[1]), sys.argv[2] == "sync"
-    scan = len(sys.argv) > 3 and sys.argv[3] == "scan"  # a model whose stages run as a lax.scan
+    ndev = int(sys.argv[1])
     assert jax.device_count() >= ndev, jax.devices()
+    if sys.argv[2] == "bncheck":
+        return bn_check(ndev, sys.argv[3])
+    sync = sys.argv[2] == "sync"
+    scan = len(sys.argv) > 3 and sys.argv[3] == "scan"  # a model whose stages run as a lax.scan
     axis = step_lib.AXIS if sync else None
     if scan:
         model = get_model("resnet14", scan_min_blocks=2, bn_axis_name=axis)

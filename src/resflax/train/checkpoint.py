@@ -110,24 +110,20 @@ def _key(k) -> str:
     return str(k)
 
 
-def _tree_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-    return {tuple(_key(k) for k in path): tuple(x.shape)
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _tree_paths(tree: Any) -> set[tuple[str, ...]]:
+    return {tuple(_key(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _stored_shapes(step_dir: Path) -> dict[tuple[str, ...], tuple[int, ...] | None]:
-    """Paths and shapes of the arrays a checkpoint holds, from its own metadata; ``Damaged`` if unreadable."""
+def _stored_paths(step_dir: Path) -> set[tuple[str, ...]]:
+    """Paths of the arrays a checkpoint holds, from its own metadata; ``Damaged`` if that is unreadable. (The
+    metadata's shapes are per-process write shapes, not global ones: a shape change is left to Orbax, whose
+    error is not damage either.)"""
     meta_file = step_dir / "state" / "_METADATA"
     try:
         tree = json.loads(meta_file.read_text())["tree_metadata"]
-        out = {}
-        for entry in tree.values():
-            value = entry["value_metadata"]
-            if value.get("skip_deserialize") or value.get("value_type") == "None":
-                continue
-            shape = value.get("write_shape")
-            out[tuple(str(k["key"]) for k in entry["key_metadata"])] = None if shape is None else tuple(shape)
-        return out
+        return {tuple(str(k["key"]) for k in entry["key_metadata"]) for entry in tree.values()
+                if not (entry["value_metadata"].get("skip_deserialize")
+                        or entry["value_metadata"].get("value_type") == "None")}
     except FileNotFoundError:
         raise Damaged(f"no {meta_file.relative_to(step_dir)}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -136,19 +132,12 @@ def _stored_shapes(step_dir: Path) -> dict[tuple[str, ...], tuple[int, ...] | No
 
 def check_tree(step: int, step_dir: Path, abstract_state: Any) -> None:
     """Raises ``RestoreError`` when the checkpoint's arrays are not the ones ``abstract_state`` expects."""
-    want, have = _tree_shapes(abstract_state), _stored_shapes(step_dir)
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    shapes = sorted(k for k in set(want) & set(have) if have[k] is not None and have[k] != want[k])
-    if not (missing or extra or shapes):
+    want, have = _tree_paths(abstract_state), _stored_paths(step_dir)
+    missing, extra = sorted(want - have), sorted(have - want)
+    if not (missing or extra):
         return
-    parts = []
-    for what, keys in (("missing", missing), ("unexpected", extra)):
-        if keys:
-            parts.append(f"{len(keys)} {what} (e.g. {'/'.join(keys[0])})")
-    if shapes:
-        k = shapes[0]
-        parts.append(f"{len(shapes)} with other shapes (e.g. {'/'.join(k)}: {have[k]} on disk, {want[k]} now)")
+    parts = [f"{len(keys)} {what} (e.g. {'/'.join(keys[0])})"
+             for what, keys in (("missing", missing), ("unexpected", extra)) if keys]
     raise RestoreError(
         f"checkpoint {step} holds another state tree than this code builds: {', '.join(parts)}; it was "
         "written by another version of resflax or another model, and was left where it is")

@@ -66,8 +66,8 @@ def _plan(config: ml_collections.ConfigDict) -> Plan:
     if config.weight_decay_on not in ("all", "kernels"):
         raise BadInput(f"weight_decay_on must be 'all' or 'kernels', got {config.weight_decay_on!r}")
     for key in ("batch_size", "num_steps", "eval_batch_size", "checkpoint_every_steps", "log_every_steps",
-                "keep_checkpoints"):
-        if config[key] <= 0:
+                "keep_checkpoints", "preemption_check_every_steps", "peer_timeout_s"):
+        if config.get(key, 1) <= 0:
             raise BadInput(f"{key} must be positive, got {config[key]}")
     overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
                      zero_init_last_bn=config.zero_init_last_bn, dtype=DTYPES[config.dtype],
@@ -140,6 +140,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_ov
     ``config.json``, metrics and messages; all of them write and read the checkpoints together.
     """
     distributed.maybe_initialize(config)
+    with distributed.PeerWatch(distributed.peer_timeout(config)) as watch:
+        try:
+            return _train_and_evaluate(config, workdir, start_over)
+        except Exception as e:
+            if jax.process_count() > 1 and distributed.peer_lost(e):
+                watch.die(f"a collective lost another process of this run ({str(e).splitlines()[0][:160]})")
+            raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_over: bool) -> dict[str, Any]:
     p = plan(config)
     cfg_dict = json.loads(config.to_json())
     is_main = jax.process_index() == 0
@@ -261,10 +271,19 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
     bar = _progress(config, start, p.num_steps)
     t_last, n_last = time.time(), start
     step = start
+    # Stop on a signal: one process decides alone; several agree every preemption_check_every_steps steps, so
+    # that all of them stop at, and checkpoint, the same step whichever of them received the signal.
+    multi = jax.process_count() > 1
+    check_every = config.get("preemption_check_every_steps", 10)  # configs written before the key existed
+    stop = pre.requested and not multi
     try:
-        while step < p.num_steps and not pre.requested:
+        while step < p.num_steps and not stop:
             state, metrics = train_step(state, train_x, train_y, mean)
             step += 1
+            if not multi:
+                stop = pre.requested
+            elif step % check_every == 0 or step == p.num_steps:
+                stop = distributed.any_process(pre.requested)
             pending.append((step, metrics))
             if len(pending) >= 2:
                 # Keep one step in flight, no more: the device stays busy while the progress bar (and the
@@ -272,7 +291,7 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
                 jax.block_until_ready(pending[-2][1]["loss"])
             boundary_log = step % config.log_every_steps == 0 or step == p.num_steps
             do_eval = step % eval_every == 0 or step == p.num_steps
-            do_save = step % config.checkpoint_every_steps == 0 or step == p.num_steps or pre.requested
+            do_save = step % config.checkpoint_every_steps == 0 or step == p.num_steps or stop
             if boundary_log or do_eval or do_save:
                 fetched = to_host(pending)
                 pending.clear()
@@ -303,7 +322,7 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
                 save(state, step)
             if bar is not None:
                 bar.update(1)
-        if pre.requested and step > start and saved[0] != step:  # the signal came after this step's save check
+        if stop and step > start and saved[0] != step:  # the signal came after this step's save check
             save(state, step)
         ckpt.wait()
     except BaseException:
@@ -316,8 +335,9 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
         raise
     if bar is not None:
         bar.close()
-    if pre.requested and saved[0] == step and step > start:
-        say(f"stopped by signal at step {step}; checkpoint written, rerun the same command to resume")
+    if stop and saved[0] == step and step > start:
+        by = "" if pre.requested or not multi else " on another process"
+        say(f"stopped by signal{by} at step {step}; checkpoint written, rerun the same command to resume")
     elif pre.requested:
         latest = f"the latest checkpoint is step {start}" if restored is not None else "there is no checkpoint yet"
         say(f"stopped by signal before the first step; nothing new to checkpoint ({latest}), rerun the same "

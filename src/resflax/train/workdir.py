@@ -15,7 +15,8 @@ from resflax.errors import WorkdirError, WriteError
 # Config keys that may change between a run and its resumption without making it another experiment.
 RESUMABLE_KEYS = frozenset(
     {"data_dir", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress", "eval_every_steps",
-     "eval_batch_size", "num_steps", "distributed", "coordinator_address", "num_processes", "process_id"}
+     "eval_batch_size", "num_steps", "distributed", "coordinator_address", "num_processes", "process_id",
+     "preemption_check_every_steps", "peer_timeout_s"}
 )
 
 
