@@ -1,0 +1,93 @@
+"""What a new user trips on (issue 13): help that works, one name per knob, num_steps vs the schedule, float16,
+honest messages on resumption and on a signal before the first step."""
+
+import json
+import shutil
+
+import pytest
+from test_schedules import load_experiment
+from test_train import mock, tiny_config
+
+from resflax import cli
+from resflax.train import loop
+
+
+def test_train_help_lists_every_config_key_and_exits_0(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    keys = load_experiment().get_config("resnet20").keys()
+    for key in keys:
+        assert f"--config.{key} " in out, key
+    assert "--config.eval_every_steps" in out and "0 = once per epoch" in out  # the key's meaning of 0
+    assert cli.main(["train", "--config=experiments/cifar10.py:resnet110", "-h"]) == 0
+    assert "'resnet110'" in capsys.readouterr().out
+
+
+def test_eval_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    helps = {"--workdir": "run directory written by", "--data_dir": "TFDS data_dir holding cifar10",
+             "--json": "print one JSON object"}
+    flat = " ".join(out.split())
+    for opt, text in helps.items():
+        assert opt in flat and text in flat, opt
+    assert flat.index("--workdir WORKDIR run directory") > 0  # the text stands beside its option
+
+
+def test_one_name_per_knob():
+    """The config argument's settings are named like the keys they set; the old short names are refused."""
+    c = load_experiment().get_config("resnet56,seed=2,val_examples=5000,schedule_scale=0.5")
+    assert (c.seed, c.val_examples, c.schedule_scale) == (2, 5000, 0.5)
+    for old in ("val=5000", "scale=0.5"):
+        with pytest.raises(ValueError, match="unknown config argument"):
+            load_experiment().get_config(f"resnet56,{old}")
+
+
+def test_num_steps_alone_stops_early_and_says_so(tmp_path, capsys):
+    with mock():
+        out = loop.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path))
+    printed = capsys.readouterr().out
+    assert out["step"] == 3
+    assert "the run stops at step 3, before the learning rate drops at 4, 5" in printed
+
+
+def test_resume_on_another_device_count_is_stated(tmp_path, capsys, pristine):
+    """A checkpoint written on 2 devices resumed on 1 with per-device BatchNorm: the run goes on, says what
+    changes, and records it."""
+    w = tmp_path / "run"
+    shutil.copytree(pristine[0], w)
+    shutil.rmtree(w / "checkpoints" / "6")
+    meta = w / "checkpoints" / "3" / "meta" / "metadata"
+    m = json.loads(meta.read_text())
+    assert m["devices"] == 1 and m["processes"] == 1
+    meta.write_text(json.dumps({**m, "devices": 2}))
+    capsys.readouterr()
+    with mock():
+        out = loop.train_and_evaluate(tiny_config(), str(w))
+    printed = capsys.readouterr().out
+    assert out["step"] == 6
+    assert "resumed on 1 devices, checkpoint 3 was written on 2" in printed
+    assert "normalises over 16 images instead of 8" in printed
+    rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in rows if r.get("event") == "devices_changed"]
+    assert len(ev) == 1 and ev[0]["from"] == 2 and ev[0]["to"] == 1 and ev[0]["step"] == 3
+
+
+def test_signal_before_the_first_step_claims_no_checkpoint(tmp_path, capsys, monkeypatch):
+    orig = loop._Preemption.__enter__
+
+    def signalled(self):
+        orig(self)
+        self.requested = True
+        return self
+    monkeypatch.setattr(loop._Preemption, "__enter__", signalled)
+    with mock():
+        out = loop.train_and_evaluate(tiny_config(), str(tmp_path))
+    printed = capsys.readouterr().out
+    assert out["step"] == 0 and not out["finished"]
+    assert "stopped by signal before the first step; nothing new to checkpoint (there is no checkpoint yet)" \
+        in printed
+    assert "checkpoint written" not in printed
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
