@@ -56,12 +56,40 @@ def test_resume_is_bit_exact(tmp_path):
     assert [r for r in rows if r.get("event") == "config"] == [{"step": 3, "event": "config",
                                                                 "changed": {"num_steps": [3, 6]}}]
     assert json.loads((tmp_path / "b" / "config.json").read_text())["num_steps"] == 6
+    from resflax.analysis.runs import load_run  # noqa: PLC0415
+
+    run = load_run(tmp_path / "b")
+    assert run.num_steps == 6 and run.finished and run.progress == "finished"
+    # TensorBoard: the events of both starts are readable; the resumption marks step 4 on as rewritten
+    events = _tb_events(tmp_path / "b" / "tb")
+    assert [s for s, tag, _ in events if tag == "train/loss"] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, tag, _ in events if tag == "purge"] == [4]
+    assert dict(((s, t), v) for s, t, v in events)[(6, "test/error")] == pytest.approx(straight["test_error"])
     # each (re)start records the data it used
     data = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     data = [r for r in data if r.get("event") == "data"]
     assert [r["step"] for r in data] == [0, 3] and data[0]["train"] == data[0]["test"] == 64
     assert data[0]["data_dir"]
     assert sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+
+def _tb_events(logdir):
+    """(step, tag, value) of every scalar in a TensorBoard dir, plus (step, "purge", 0) per restart marker."""
+    import struct  # noqa: PLC0415
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog  # noqa: PLC0415
+
+    out = []
+    for f in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
+                out.append((ev.step, "purge", 0.0))
+            out.extend((ev.step, v.tag, v.simple_value) for v in ev.summary.value)
+    return out
 
 
 def test_resume_is_bit_exact_with_scanned_stages(tmp_path):
