@@ -184,6 +184,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_o
                 lock.release()
 
 
+def _record_resumption(writer: wd.MetricsWriter, say, config, start: int, changes: dict, devices_before: int | None,
+                       devices: int) -> None:
+    """States (and records in metrics.jsonl) what differs from the run's last start: changed resumable
+    settings, and a different device count with its consequence for per-device BatchNorm."""
+    if changes:
+        writer.write({"step": start, "event": "config", "changed": changes})
+        say("settings changed since the last start: "
+            + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    if devices_before is None or devices_before == devices:
+        return
+    if config.bn_sync:
+        consequence = "BatchNorm statistics are global (bn_sync), so training goes on as before"
+    else:
+        consequence = (f"per-device BatchNorm now normalises over {config.batch_size // devices} images "
+                       f"instead of {config.batch_size // devices_before}: the run continues correctly but "
+                       "will not reproduce an uninterrupted run bit for bit")
+    writer.write({"step": start, "event": "devices_changed", "from": devices_before, "to": devices,
+                  "consequence": consequence})
+    say(f"note: resumed on {devices} devices, checkpoint {start} was written on {devices_before}; " + consequence)
+
+
 def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     say = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
@@ -228,21 +249,7 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
     writer.write({"step": start, "event": "data", "data_dir": data.data_dir, "train": len(data.train),
                   "test": len(data.test), "val": len(data.val) if data.val else 0,
                   "processes": jax.process_count(), "devices": int(p.mesh.size)})
-    if changes:
-        writer.write({"step": start, "event": "config", "changed": changes})
-        say("settings changed since the last start: "
-            + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-    if devices_before is not None and devices_before != p.mesh.size:
-        if config.bn_sync:
-            consequence = "BatchNorm statistics are global (bn_sync), so training goes on as before"
-        else:
-            consequence = (f"per-device BatchNorm now normalises over {config.batch_size // p.mesh.size} images "
-                           f"instead of {config.batch_size // devices_before}: the run continues correctly but "
-                           "will not reproduce an uninterrupted run bit for bit")
-        writer.write({"step": start, "event": "devices_changed", "from": devices_before, "to": int(p.mesh.size),
-                      "consequence": consequence})
-        say(f"note: resumed on {p.mesh.size} devices, checkpoint {start} was written on {devices_before}; "
-            + consequence)
+    _record_resumption(writer, say, config, start, changes, devices_before, int(p.mesh.size))
 
     def run_eval(s, step):
         out = {}
