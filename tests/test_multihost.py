@@ -129,8 +129,10 @@ def test_a_dead_peer_ends_the_others_within_60s(tmp_path, tmp_path_factory, how)
     log = (tmp_path / "a0.log").read_text()
     assert rc == 2 and took < 60, (rc, took, log[-2000:])
     last = [ln for ln in log.splitlines() if ln.startswith("resflax: error:")]
-    why = "a collective lost another process" if how == "kill9" else "process 1 of 2 stopped answering"
-    assert len(last) == 1 and why in last[0] and "rerun every process" in last[0], last
+    # a killed peer's sockets close, so a collective in flight fails at once; between collectives (or when the
+    # transport does not notice) the heartbeat watch is what ends the survivor; a hung peer only the watch sees
+    whys = ("process 1 of 2 stopped answering",) + (("a collective lost another process",) if how == "kill9" else ())
+    assert len(last) == 1 and any(w in last[0] for w in whys) and "rerun every process" in last[0], last
     procs = _start_both(w, tmp_path, cc, "b", *args)
     assert [p.wait(timeout=300) for p in procs] == [0, 0], (tmp_path / "b0.log").read_text()[-2000:]
     assert rh.digest(tmp_path / "b0.log") == rh.digest(tmp_path / "b1.log") == ref

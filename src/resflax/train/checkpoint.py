@@ -25,6 +25,7 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -96,6 +97,17 @@ def classify_restore_error(err: BaseException) -> str:
     return "unknown"
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -153,9 +165,12 @@ class Checkpointer:
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                                    cleanup_tmp_directories=False)
+            # Orbax warns that a read-only directory is read-only: noise on stderr for every eval
+            with _quiet_absl():
+                self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "meta"))
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "meta"))
+            self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "meta"))
         self._started = 0  # the step of the latest save started (an asynchronous failure belongs to it)
         self.skipped: list[int] = []  # damaged checkpoints a read-only reader passed over
 

@@ -39,7 +39,8 @@ def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None
     p = loop.plan(config)
     tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
                               weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
-    init = state_lib.init_state(p.model, tx_fn, config.seed, (32, 32, 3), config.warmup)
+    # shapes only (no eager initialisation: restoring needs the tree, not its values)
+    init = jax.eval_shape(lambda: state_lib.init_state(p.model, tx_fn, config.seed, (32, 32, 3), config.warmup))
     rep = jax.sharding.NamedSharding(p.mesh, jax.sharding.PartitionSpec())
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), init)
     ckpt = Checkpointer(workdir, read_only=True)

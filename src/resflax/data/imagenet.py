@@ -1,0 +1,243 @@
+"""ImageNet preprocessing on the host (numpy + Pillow): the paper's training augmentation and the eval crop.
+
+Training (He et al. 2015 §3.4, after Krizhevsky et al.): shorter side resized to ``S`` drawn uniformly from
+the integers in [256, 480]; a random 224×224 crop; a horizontal flip with probability 1/2; the per-pixel mean
+subtracted; AlexNet's PCA colour ("lighting") noise. ``crop="inception"`` swaps the first two for the
+random-resized crop of modern recipes (area (0.08, 1), aspect (3/4, 4/3)); it is a setting, not the default.
+Eval: shorter side 256, the centre 224×224 crop, the same mean.
+
+**Output**: float32 (224, 224, 3) RGB, HWC (batches are NHWC, what the model takes), in units of [0, 1]
+pixels: ``pixels / 255 - mean + lighting``. Float on the host because the lighting offset is a fraction of a
+grey level and would not survive a uint8 round trip; the cost is 4× the bytes of uint8 (0.6 MB an image).
+
+**Randomness** is a function of (seed, epoch, example index) only: ``example_rng`` seeds a fresh generator
+from those three numbers, so an image's augmentation does not depend on which process or worker computes it,
+nor in what order. The draws happen in a fixed order (crop, flip, lighting), all of them even when a step is
+switched off, so switching one off never changes the others.
+
+**Mean**: "per-pixel mean" is a (224, 224, 3) image, the average of the eval crops (256 resize, centre 224)
+of ``num_images`` training images spread evenly over the split, in [0, 1] units. ``load_or_compute_mean``
+computes it once and caches it as ``.npy`` at an explicit path (``mean_cache_path`` keys the name by dataset,
+version, sample size and resize settings). The documented fallback is the standard per-channel mean
+``CHANNEL_MEAN`` (shape (3,), broadcast), which needs no pass over the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from resflax.data import jpeg
+from resflax.errors import DataError
+
+NUM_CLASSES = 1000
+IMAGE_SIZE = 224
+TRAIN_SCALE = (256, 480)  # shorter side, inclusive
+EVAL_RESIZE = 256
+# RGB, [0, 1] units (torchvision/timm); the fallback for the per-pixel mean.
+CHANNEL_MEAN = (0.485, 0.456, 0.406)
+# AlexNet PCA lighting as fb.resnet.torch applies it to RGB in [0, 1]: eigenvectors are the *columns*.
+EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+LIGHTING_STD = 0.1
+
+AUGMENT_TAG = 0  # first word of the augmentation seeds; the epoch permutation uses sharding.PERMUTATION_TAG
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """Preprocessing settings; the defaults are the paper's."""
+
+    crop: str = "scale"  # "scale" (the paper's) or "inception" (random-resized crop)
+    scale_range: tuple[int, int] = TRAIN_SCALE
+    area_range: tuple[float, float] = (0.08, 1.0)  # inception only
+    ratio_range: tuple[float, float] = (3 / 4, 4 / 3)  # inception only
+    size: int = IMAGE_SIZE
+    eval_resize: int = EVAL_RESIZE
+    flip: bool = True
+    lighting_std: float = LIGHTING_STD  # 0 turns lighting off
+    draft: bool = True  # DCT-domain downscaling where it applies (jpeg.py)
+    resample: str = "bilinear"  # or "bicubic"
+
+    def __post_init__(self):
+        if self.crop not in ("scale", "inception"):
+            raise ValueError(f"crop must be 'scale' or 'inception', got {self.crop!r}")
+        if self.resample not in jpeg.RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(jpeg.RESAMPLE)}, got {self.resample!r}")
+        if not self.size <= self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range {self.scale_range} must start at or above size {self.size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """The random choices for one training example."""
+
+    box: jpeg.Box  # source rectangle, in stored pixels, that becomes the size×size output
+    scale: int | None  # the drawn shorter side S ("scale" crop only)
+    flip: bool
+    alpha: np.ndarray  # (3,) lighting coefficients, N(0, lighting_std)
+
+
+DEFAULT = Preprocess()
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one training example's augmentation."""
+    return np.random.default_rng([AUGMENT_TAG, seed, epoch, index])
+
+
+def scale_crop_box(rng: np.random.Generator, width: int, height: int, scale_range: tuple[int, int],
+                   size: int) -> tuple[jpeg.Box, int]:
+    """The paper's crop: resize to shorter side S ~ U{scale_range}, take a uniform size×size window. Returns
+    the window mapped back to stored pixels, and S."""
+    s = int(rng.integers(scale_range[0], scale_range[1] + 1))
+    rw, rh = jpeg.resized_size(width, height, s)
+    top = int(rng.integers(0, rh - size + 1))
+    left = int(rng.integers(0, rw - size + 1))
+    # Integer products first: (rw * width) / rw is exactly width, so the box never pokes out of the image.
+    return (left * width / rw, top * height / rh, (left + size) * width / rw, (top + size) * height / rh), s
+
+
+def inception_crop_box(rng: np.random.Generator, width: int, height: int, area_range: tuple[float, float],
+                       ratio_range: tuple[float, float], attempts: int = 10) -> jpeg.Box:
+    """Random-resized crop (Szegedy et al. 2015, as torchvision): a window of random area fraction and
+    log-uniform aspect; after ``attempts`` misses, the centre crop of the clamped aspect."""
+    area = width * height
+    log_ratio = (math.log(ratio_range[0]), math.log(ratio_range[1]))
+    for _ in range(attempts):
+        target = area * rng.uniform(*area_range)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            return (left, top, left + w, top + h)
+    if width / height < ratio_range[0]:
+        w, h = width, round(width / ratio_range[0])
+    elif width / height > ratio_range[1]:
+        w, h = round(height * ratio_range[1]), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return (left, top, left + w, top + h)
+
+
+def center_crop_box(width: int, height: int, resize: int, size: int) -> jpeg.Box:
+    """The centre size×size window of the image resized to shorter side ``resize``, in stored pixels
+    (offsets rounded as torchvision's ``CenterCrop``)."""
+    rw, rh = jpeg.resized_size(width, height, resize)
+    top, left = int(round((rh - size) / 2)), int(round((rw - size) / 2))
+    return (left * width / rw, top * height / rh, (left + size) * width / rw, (top + size) * height / rh)
+
+
+def train_params(rng: np.random.Generator, width: int, height: int, cfg: Preprocess) -> TrainParams:
+    scale = None
+    if cfg.crop == "scale":
+        box, scale = scale_crop_box(rng, width, height, cfg.scale_range, cfg.size)
+    else:
+        box = inception_crop_box(rng, width, height, cfg.area_range, cfg.ratio_range)
+    flip = bool(rng.random() < 0.5)
+    alpha = rng.normal(0.0, 1.0, 3) * cfg.lighting_std  # drawn even when std is 0: later draws stay put
+    return TrainParams(box=box, scale=scale, flip=flip and cfg.flip, alpha=alpha)
+
+
+def lighting_offset(alpha: np.ndarray) -> np.ndarray:
+    """AlexNet PCA lighting: the RGB offset ``EIGVEC @ (alpha * EIGVAL)`` in [0, 1] units, one per image."""
+    return (EIGVEC @ (np.asarray(alpha) * EIGVAL)).astype(np.float32)
+
+
+def finish(crop_u8: np.ndarray, mean: np.ndarray, flip: bool = False, offset: np.ndarray | None = None
+           ) -> np.ndarray:
+    """uint8 HWC crop -> float32 ``crop / 255 - mean (+ offset)``, mirrored first if ``flip`` (the mean is in
+    output coordinates: it is not mirrored)."""
+    x = crop_u8[:, ::-1] if flip else crop_u8
+    out = np.multiply(x, np.float32(1 / 255), dtype=np.float32)
+    out -= mean
+    if offset is not None:
+        out += offset
+    return out
+
+
+def train_example(data: bytes, mean: np.ndarray, seed: int, epoch: int, index: int,
+                  cfg: Preprocess = DEFAULT) -> np.ndarray:
+    """One augmented training image (float32 (size, size, 3)) from its encoded bytes."""
+    p = train_params(example_rng(seed, epoch, index), *jpeg.image_size(data), cfg)
+    crop = jpeg.decode_box(data, p.box, (cfg.size, cfg.size), draft=cfg.draft, resample=cfg.resample)
+    return finish(crop, mean, p.flip, lighting_offset(p.alpha) if cfg.lighting_std else None)
+
+
+def eval_crop(data: bytes, cfg: Preprocess = DEFAULT) -> np.ndarray:
+    """The uint8 centre crop the eval protocol and the mean start from."""
+    box = center_crop_box(*jpeg.image_size(data), cfg.eval_resize, cfg.size)
+    return jpeg.decode_box(data, box, (cfg.size, cfg.size), draft=cfg.draft, resample=cfg.resample)
+
+
+def eval_example(data: bytes, mean: np.ndarray, cfg: Preprocess = DEFAULT) -> np.ndarray:
+    """One eval image: shorter side ``eval_resize``, centre crop, mean subtracted (float32)."""
+    return finish(eval_crop(data, cfg), mean)
+
+
+# ---- the mean -------------------------------------------------------------------------------------------
+
+
+def channel_mean() -> np.ndarray:
+    """The per-channel fallback mean, shape (3,), broadcasting over HWC."""
+    return np.array(CHANNEL_MEAN, np.float32)
+
+
+def compute_mean(images: Iterable[bytes], cfg: Preprocess = DEFAULT) -> np.ndarray:
+    """Per-pixel mean (size, size, 3) float32 in [0, 1] units of the eval crops of ``images``."""
+    total, n = np.zeros((cfg.size, cfg.size, 3), np.float64), 0
+    for data in images:
+        total += eval_crop(data, cfg)
+        n += 1
+    if n == 0:
+        raise DataError("compute_mean got no images")
+    return (total / (255.0 * n)).astype(np.float32)
+
+
+def sample_images(source: Sequence[dict], num_images: int) -> Iterator[bytes]:
+    """The encoded images of ``num_images`` examples spread evenly over ``source`` (indices by ``linspace``,
+    so the sample covers the whole split whatever order its files are in)."""
+    n = min(num_images, len(source))
+    for i in np.linspace(0, len(source) - 1, n).round().astype(int):
+        yield source[int(i)]["image"]
+
+
+def mean_cache_path(cache_dir: str | os.PathLike, dataset: str, version: str, num_images: int,
+                    cfg: Preprocess = DEFAULT) -> Path:
+    """Where a per-pixel mean is cached: one file per dataset, version, sample size and crop settings."""
+    key = f"{dataset}-{version}-mean-n{num_images}-r{cfg.eval_resize}-c{cfg.size}-{cfg.resample}"
+    return Path(cache_dir) / f"{key}{'' if cfg.draft else '-nodraft'}.npy"
+
+
+def load_or_compute_mean(cache_path: str | os.PathLike, images: Callable[[], Iterable[bytes]],
+                         cfg: Preprocess = DEFAULT) -> np.ndarray:
+    """The cached per-pixel mean at ``cache_path``; if absent, ``compute_mean(images())`` written there
+    atomically (a temporary file renamed into place, so a crash never leaves half a file)."""
+    path = Path(cache_path)
+    if path.exists():
+        try:
+            mean = np.load(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cached mean {path} is unreadable ({e}); delete it to recompute") from e
+        if mean.shape != (cfg.size, cfg.size, 3) or not np.isfinite(mean).all():
+            raise DataError(f"cached mean {path} has shape {mean.shape} or non-finite values, expected "
+                            f"({cfg.size}, {cfg.size}, 3); delete it to recompute")
+        return mean.astype(np.float32)
+    mean = compute_mean(images(), cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, mean)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return mean
