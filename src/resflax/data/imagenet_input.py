@@ -1,10 +1,17 @@
 """ImageNet batches on the host: grain pipelines (worker processes, checkpointable iterators) and the bare
 multiprocessing loop they are benchmarked against. Both compute the same batches from the same functions.
 
+A training batch is ``{"image": uint8 (b, 224, 224, 3), "lighting": float32 (b, 3), "label": int32 (b,)}``,
+an eval batch ``{"image", "label", "mask": bool (b,)}``; the model's float input is
+``imagenet.finish_batch(batch["image"], mean, batch.get("lighting"), xp=jnp)`` inside the jitted step (see
+``imagenet`` for why uint8 travels). With workers, arrays may be views of shared memory: copy or put them on
+the device, then drop them.
+
 The source is any indexable sequence of ``{"image": encoded bytes, "label": int}``, e.g. TFDS's ArrayRecord
 ``tfds.data_source("imagenet2012", split="train", decoders={"image": tfds.decode.SkipDecoding()})`` (without
 ``SkipDecoding`` TFDS would decode every image in full first). It must pickle: workers are *spawned* processes
-(JAX is not fork-safe), each gets a copy of the pipeline once, and none of this imports JAX.
+(JAX is not fork-safe), each gets a copy of the pipeline once and never starts a JAX backend (grain imports
+``jax.profiler`` for its hooks; nothing here calls JAX).
 
 Resume: a training batch is a function of the global step (``sharding.Stream``), so an iterator built with
 ``start_step=k`` yields exactly what an uninterrupted one yields from step k on, whatever the worker count.
@@ -22,23 +29,22 @@ import numpy as np
 from absl import flags
 
 from resflax.data import imagenet
-from resflax.data.sharding import Stream, eval_steps
+from resflax.data.sharding import Stream, eval_examples, eval_steps
 
 
 class TrainExample:
     """Local slot ``k`` of the stream (step ``k // local_batch``, position ``k % local_batch`` in it) ->
-    ``{"image": float32 HWC, "label": int32}``."""
+    ``{"image": uint8 HWC, "lighting": float32 (3,), "label": int32}``."""
 
-    def __init__(self, source: Sequence[dict], stream: Stream, mean: np.ndarray,
-                 cfg: imagenet.Preprocess = imagenet.DEFAULT):
-        self.source, self.stream, self.mean, self.cfg = source, stream, np.asarray(mean, np.float32), cfg
+    def __init__(self, source: Sequence[dict], stream: Stream, cfg: imagenet.Preprocess = imagenet.DEFAULT):
+        self.source, self.stream, self.cfg = source, stream, cfg
 
     def __call__(self, slot: int) -> dict[str, np.ndarray]:
         step, j = divmod(slot, self.stream.local_batch)
         epoch, index = self.stream.example(self.stream.position(step, j))
         ex = self.source[index]
-        image = imagenet.train_example(ex["image"], self.mean, self.stream.seed, epoch, index, self.cfg)
-        return {"image": image, "label": np.int32(ex["label"])}
+        crop, offset = imagenet.train_crop(ex["image"], self.stream.seed, epoch, index, self.cfg)
+        return {"image": crop, "lighting": offset, "label": np.int32(ex["label"])}
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The whole local batch of a global step (the bare loop's unit of work)."""
@@ -48,32 +54,31 @@ class TrainExample:
 
 
 class EvalExample:
-    """Local slot of the eval pass -> ``{"image", "label", "mask"}``; padding repeats example 0, masked."""
+    """Local slot of the eval pass -> ``{"image": uint8 HWC, "label", "mask"}``; padding repeats example 0,
+    masked."""
 
-    def __init__(self, source: Sequence[dict], mean: np.ndarray, global_batch: int, process_index: int = 0,
-                 process_count: int = 1, cfg: imagenet.Preprocess = imagenet.DEFAULT):
-        self.source, self.mean, self.cfg = source, np.asarray(mean, np.float32), cfg
-        self.global_batch, self.local_batch = global_batch, global_batch // process_count
-        self.offset = process_index * self.local_batch
+    def __init__(self, source: Sequence[dict], global_batch: int, process_index: int = 0, process_count: int = 1,
+                 cfg: imagenet.Preprocess = imagenet.DEFAULT):
+        self.source, self.cfg = source, cfg
+        self.split = (global_batch, process_index, process_count)
 
     def __call__(self, slot: int) -> dict[str, np.ndarray]:
-        step, j = divmod(slot, self.local_batch)
-        k = step * self.global_batch + self.offset + j
-        valid = k < len(self.source)
-        ex = self.source[k if valid else 0]
-        return {"image": imagenet.eval_example(ex["image"], self.mean, self.cfg),
-                "label": np.int32(ex["label"]), "mask": np.bool_(valid)}
+        step, j = divmod(slot, self.split[0] // self.split[2])
+        indices, mask = eval_examples(step, len(self.source), *self.split)
+        ex = self.source[int(indices[j])]
+        return {"image": imagenet.eval_crop(ex["image"], self.cfg),
+                "label": np.int32(ex["label"]), "mask": mask[j]}
 
 
-def train_dataset(source: Sequence[dict], stream: Stream, mean: np.ndarray, num_steps: int, start_step: int = 0,
+def train_dataset(source: Sequence[dict], stream: Stream, num_steps: int, start_step: int = 0,
                   cfg: imagenet.Preprocess = imagenet.DEFAULT) -> grain.MapDataset:
-    """Batches (local_batch, size, size, 3) of global steps ``[start_step, start_step + num_steps)``."""
+    """This process's batches of global steps ``[start_step, start_step + num_steps)``."""
     b = stream.local_batch
     slots = grain.MapDataset.range(start_step * b, (start_step + num_steps) * b)
-    return slots.map(TrainExample(source, stream, mean, cfg)).batch(b, drop_remainder=True)
+    return slots.map(TrainExample(source, stream, cfg)).batch(b, drop_remainder=True)
 
 
-def eval_dataset(source: Sequence[dict], mean: np.ndarray, global_batch: int, process_index: int = 0,
+def eval_dataset(source: Sequence[dict], global_batch: int, process_index: int = 0,
                  process_count: int = 1, cfg: imagenet.Preprocess = imagenet.DEFAULT) -> grain.MapDataset:
     """Every example once, in order, in global batches split across processes; the last one padded and
     masked (``mask`` False on padding)."""
@@ -81,7 +86,7 @@ def eval_dataset(source: Sequence[dict], mean: np.ndarray, global_batch: int, pr
         raise ValueError(f"global_batch {global_batch} is not divisible by process_count {process_count}")
     local = global_batch // process_count
     slots = grain.MapDataset.range(eval_steps(len(source), global_batch) * local)
-    fn = EvalExample(source, mean, global_batch, process_index, process_count, cfg)
+    fn = EvalExample(source, global_batch, process_index, process_count, cfg)
     return slots.map(fn).batch(local, drop_remainder=True)
 
 
@@ -115,12 +120,12 @@ def _worker_batch(step: int) -> dict[str, np.ndarray]:
     return _WORKER_FN.batch(step)
 
 
-def bare_train_batches(source: Sequence[dict], stream: Stream, mean: np.ndarray, num_steps: int,
-                       start_step: int = 0, workers: int = 0,
+def bare_train_batches(source: Sequence[dict], stream: Stream, num_steps: int, start_step: int = 0,
+                       workers: int = 0,
                        cfg: imagenet.Preprocess = imagenet.DEFAULT) -> Iterator[dict[str, np.ndarray]]:
     """The batches of ``train_dataset`` without grain: a loop, or ``workers`` spawned processes of a
     ``multiprocessing.Pool`` (batches pickled back through pipes)."""
-    fn = TrainExample(source, stream, mean, cfg)
+    fn = TrainExample(source, stream, cfg)
     steps = range(start_step, start_step + num_steps)
     if not workers:
         yield from map(fn.batch, steps)

@@ -68,10 +68,13 @@ def decode_box(
     box: Box,
     out_size: tuple[int, int],
     *,
+    mirror: bool = False,
     draft: bool = True,
     resample: str = "bilinear",
 ) -> np.ndarray:
-    """Decodes the ``box`` of the stored image resampled to ``out_size`` = (width, height).
+    """Decodes the ``box`` of the stored image resampled to ``out_size`` = (width, height), mirrored
+    left-right if ``mirror`` (done here because Pillow mirrors its 4-byte pixels several times faster than
+    numpy copies a reversed 3-channel view).
 
     Returns:
       uint8 (height, width, 3) RGB.
@@ -88,6 +91,8 @@ def decode_box(
         if s != 1.0:
             box = (left / s, top / s, right / s, bottom / s)
     out = im.resize(out_size, RESAMPLE[resample], box=box)
+    if mirror:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if out.mode != "RGB":  # greyscale and CMYK JPEGs: converting the small output is cheaper than the input
         out = out.convert("RGB")
     return np.asarray(out)
