@@ -18,9 +18,13 @@ STUDY       := plain20 resnet20 plain56 resnet56
 # make study runs at schedule_scale 0.01 unless SCHEDULE_SCALE is given on the command line
 STUDY_SCHEDULE_SCALE = $(if $(filter command line,$(origin SCHEDULE_SCALE)),$(SCHEDULE_SCALE),0.01)
 rundir = runs/cifar-$(1)$(if $(filter-out 1.0,$(SCHEDULE_SCALE)),-s$(SCHEDULE_SCALE))
+# ImageNet: Table 2 (plain/ResNet-18/34, option A), Table 3 (ResNet-34 B/C, ResNet-50/101/152, option B)
+IMAGENET_MODELS := plain18 plain34 resnet18 resnet34 resnet50 resnet101 resnet152
+inrundir = runs/imagenet-$(1)$(if $(filter-out 1.0,$(SCHEDULE_SCALE)),-s$(SCHEDULE_SCALE))
 
 .PHONY: venv test test-fast lint demo data summary bench clean cifar-degradation cifar-table6 study \
-	$(addprefix cifar-,$(CIFAR_MODELS))
+	$(addprefix cifar-,$(CIFAR_MODELS)) $(addprefix imagenet-,$(IMAGENET_MODELS)) imagenet-resnet34-B \
+	imagenet-resnet34-C imagenet-tiny imagenet-data
 
 venv: $(STAMP)
 
@@ -76,6 +80,27 @@ study: data
 	  --workdir=runs/study/$$m --config.progress=False --config.eval_every_steps=160 $(ARGS) || exit 1; done
 	$(BIN)/resflax report $(addprefix runs/study/,$(STUDY)) --out docs/study
 	$(BIN)/resflax responses --workdir $(addprefix runs/study/,$(STUDY)) --out docs/study
+
+# ImageNet (imagenet2012 from TFDS, prepared once from the manual download: `make imagenet-data
+# MANUAL_DIR=DIR`, DIR holding ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar). Runs need a GPU/TPU host.
+imagenet-data: venv
+	$(BIN)/python -m pip install -q -e '.[prepare]'
+	$(BIN)/resflax prepare-data --dataset imagenet2012 $(if $(MANUAL_DIR),--manual_dir $(MANUAL_DIR))
+
+$(addprefix imagenet-,$(IMAGENET_MODELS)): imagenet-%: venv
+	$(BIN)/resflax train --config=experiments/imagenet.py:$*,schedule_scale=$(SCHEDULE_SCALE) \
+	  --workdir=$(call inrundir,$*) $(ARGS)
+
+# Table 3's ResNet-34 with projection shortcuts: B (where the shape changes) and C (everywhere)
+imagenet-resnet34-B imagenet-resnet34-C: imagenet-resnet34-%: venv
+	$(BIN)/resflax train --config=experiments/imagenet.py:resnet34,shortcut=$*,schedule_scale=$(SCHEDULE_SCALE) \
+	  --workdir=$(call inrundir,resnet34-$*) $(ARGS)
+
+# The ImageNet pipeline on a CPU in about a minute: a small dataset of real photographs, then the :tiny config.
+imagenet-tiny: venv
+	test -d runs/tiny-data/resflax_tiny_jpeg || $(BIN)/resflax make-tiny-imagenet --out runs/tiny-data
+	$(BIN)/resflax train --config=experiments/imagenet.py:tiny --config.data_dir=runs/tiny-data \
+	  --workdir=runs/imagenet-tiny $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Evaluate the latest checkpoint of a workdir on the full test split (every image exactly once).
+"""Evaluate the latest checkpoint of a workdir on the full test split (every image exactly once): CIFAR-10's
+test split, or an ImageNet-style dataset's validation split (the centre crop; top-1 and top-5).
 
 Read-only: nothing in the workdir is created, moved or deleted (a damaged checkpoint is skipped with a
 warning and left for the next ``resflax train`` to set aside), so it is safe while a training run holds the
@@ -14,11 +15,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from resflax.data import cifar10
 from resflax.errors import BadInput
-from resflax.train import loop
+from resflax.train import loop, tasks
 from resflax.train import state as state_lib
-from resflax.train import step as step_lib
 from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
 
@@ -40,7 +39,8 @@ def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None
     tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
                               weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
     # shapes only (no eager initialisation: restoring needs the tree, not its values)
-    init = jax.eval_shape(lambda: state_lib.init_state(p.model, tx_fn, config.seed, (32, 32, 3), config.warmup))
+    init = jax.eval_shape(lambda: state_lib.init_state(p.model, tx_fn, config.seed, tasks.image_shape(config),
+                                                              config.warmup))
     rep = jax.sharding.NamedSharding(p.mesh, jax.sharding.PartitionSpec())
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), init)
     ckpt = Checkpointer(workdir, read_only=True)
@@ -61,10 +61,15 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None) -> dict[s
         config.data_dir = data_dir
     skipped: list[int] = []
     config, p, state = restore(workdir, config, skipped=skipped)
-    data = cifar10.load(p.data_dir, config.val_examples)
-    mean = step_lib.replicate(data.mean, p.mesh)
-    eval_step = step_lib.make_eval_step(p.model, p.mesh)
-    r = step_lib.evaluate(eval_step, state, data.test.images, data.test.labels, mean, config.eval_batch_size, p.mesh)
-    return {"workdir": str(workdir), "model": config.model, "step": int(to_host(state.step)),
-            "test_error": r["error"], "test_loss": r["loss"], "test_examples": r["count"],
-            "state_digest": state_lib.state_digest(to_host(state)), "skipped_damaged": skipped}
+    task = tasks.create(config, p, lambda *a, **k: None)
+    try:
+        tx = state_lib.make_optimizer(state.params, config.momentum, config.weight_decay, config.weight_decay_on)
+        task.build(p.model, tx, p.step_cfg)
+        r = task.evaluate(state, splits=("test",))["test"]
+    finally:
+        task.close()
+    out = {"workdir": str(workdir), "model": config.model, "step": int(to_host(state.step)),
+           "test_error": r["error"], "test_loss": r["loss"], "test_examples": r["count"]}
+    if "top5_error" in r:
+        out["test_top5_error"] = r["top5_error"]
+    return {**out, "state_digest": state_lib.state_digest(to_host(state)), "skipped_damaged": skipped}

@@ -1,4 +1,6 @@
-"""``train_and_evaluate(config, workdir)``: the CIFAR-10 training loop of the paper, as a library function.
+"""``train_and_evaluate(config, workdir)``: the training loop of the paper for CIFAR-10 and ImageNet, as a
+library function. What differs between the datasets (where batches come from, the train step, evaluation) is
+a task (``train.tasks``); everything else here is shared.
 
 Bad input is refused before anything is written: unknown model, bad dtype/weight-decay setting, a batch
 that does not divide by the devices, missing data, a workdir in use or holding another experiment.
@@ -20,10 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resflax.data import cifar10
 from resflax.errors import BadInput, DivergenceError
 from resflax.models import get_model
-from resflax.train import distributed, schedules
+from resflax.train import distributed, schedules, tasks
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 from resflax.train import workdir as wd
@@ -56,8 +57,6 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
 
 
 def _plan(config: ml_collections.ConfigDict) -> Plan:
-    if config.dataset != "cifar10":
-        raise BadInput(f"dataset {config.dataset!r} is not supported by this loop (only 'cifar10')")
     if config.dtype == "float16":
         raise BadInput("dtype float16 needs loss scaling, which resflax does not implement; use bfloat16 (float32 "
                        "range, no scaling needed) or float32")
@@ -79,9 +78,11 @@ def _plan(config: ml_collections.ConfigDict) -> Plan:
         if config.scan_min_blocks < 0:
             raise BadInput(f"scan_min_blocks must be >= 0 (0: never scan), got {config.scan_min_blocks}")
         overrides["scan_min_blocks"] = config.scan_min_blocks or None
+    data_dir, num_classes = tasks.locate(config)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
     model = get_model(config.model, **overrides)
-    if model.stem != "cifar":
-        raise BadInput(f"model {config.model!r} is an ImageNet model; CIFAR-10 needs a CIFAR model")
+    tasks.validate(config, model)
     ndev = config.num_devices or jax.device_count()
     if config.batch_size % ndev:
         raise BadInput(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
@@ -94,12 +95,11 @@ def _plan(config: ml_collections.ConfigDict) -> Plan:
     step_cfg = step_lib.step_config(
         boundaries,
         batch_size=config.batch_size,
-        base_lr=config.base_lr,
+        base_lr=tasks.peak_lr(config),
         factor=config.lr_factor,
         warmup_lr=config.warmup_lr,
         warmup_until_error=config.warmup_until_error,
     )
-    data_dir = cifar10.locate(config.data_dir)  # prepares it once if the prepare extra is installed
     return Plan(model, mesh, num_steps, boundaries, step_cfg, data_dir)
 
 
@@ -217,21 +217,26 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
         say(f"note: the run stops at step {p.num_steps}, before the learning rate drops at "
             f"{', '.join(str(b) for b in p.boundaries if b > p.num_steps)}: num_steps only ends a run early (a "
             "larger num_steps later resumes it); schedule_scale rescales the whole schedule")
-    t0 = time.time()
-    data = cifar10.load(p.data_dir, config.val_examples)
-    say(f"CIFAR-10 from {data.data_dir}: {len(data.train)} train / {len(data.test)} test"
-        + (f" / {len(data.val)} val" if data.val else "") + f" (decoded in {time.time() - t0:.1f}s)")
+    task = tasks.create(config, p, say)
+    try:
+        return _run_task(config, cfg_dict, p, path, pre, task, changes, say)
+    finally:
+        task.close()
+
+
+def _run_task(config, cfg_dict, p: Plan, path: Path, pre: _Preemption, task, changes, say) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
 
     tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
                               weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
-    init = state_lib.init_state(p.model, tx_fn, config.seed, (32, 32, 3), config.warmup)
+    init = state_lib.init_state(p.model, tx_fn, config.seed, task.image_shape, config.warmup)
     tx = tx_fn(init.params)
     ckpt = Checkpointer(path, keep=config.keep_checkpoints)
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
             p.mesh, jax.sharding.PartitionSpec())), init)
     restored = ckpt.restore_latest(abstract)
-    devices_before = None
+    devices_before, meta = None, {}
     if restored is not None:
         state, meta = restored
         devices_before = meta.get("devices")
@@ -240,26 +245,27 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
         state = step_lib.replicate(init, p.mesh)
     start = int(to_host(state.step))
 
-    train_x, train_y, mean = step_lib.replicate((data.train.images, data.train.labels, data.mean), p.mesh)
-    train_step = step_lib.make_train_step(p.model, tx, p.step_cfg, p.mesh)
-    eval_step = step_lib.make_eval_step(p.model, p.mesh)
-    steps_per_epoch = len(data.train) // config.batch_size
-    eval_every = config.eval_every_steps or steps_per_epoch
+    task.build(p.model, tx, p.step_cfg)
+    task.start(start, meta.get("input") if restored is not None else None)
+    steps_per_epoch = task.steps_per_epoch
+    eval_every = config.eval_every_steps or max(1, round(steps_per_epoch))
     writer = wd.MetricsWriter(path, enabled=is_main, resume_step=start)
-    writer.write({"step": start, "event": "data", "data_dir": data.data_dir, "train": len(data.train),
-                  "test": len(data.test), "val": len(data.val) if data.val else 0,
+    writer.write({"step": start, "event": "data", **task.event,
                   "processes": jax.process_count(), "devices": int(p.mesh.size)})
     _record_resumption(writer, say, config, start, changes, devices_before, int(p.mesh.size))
 
     def run_eval(s, step):
         out = {}
-        for name, split in (("test", data.test), ("val", data.val)):
-            if split is None:
-                continue
-            r = step_lib.evaluate(eval_step, s, split.images, split.labels, mean, config.eval_batch_size, p.mesh)
+        results = task.evaluate(s)
+        for name, r in results.items():
             out[name] = r["error"]
             writer.write({"step": step, "split": name, "error": r["error"], "loss": r["loss"],
+                          **({"top5_error": r["top5_error"]} if "top5_error" in r else {}),
                           "epoch": step / steps_per_epoch})
+        drop = task.after_eval(results, step)
+        if drop:
+            writer.write({"step": step, "event": "lr_drop", "message": drop})
+            say(drop)
         return out
 
     saved = [start]
@@ -269,7 +275,8 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
         if not _all_finite((host.params, host.batch_stats)):
             raise DivergenceError(f"non-finite parameters at step {step}; last good checkpoint kept")
         ckpt.save(step, s, {"config": cfg_dict, "step": step, "state_digest": state_lib.state_digest(host),
-                            "devices": int(p.mesh.size), "processes": jax.process_count()}, host_state=host)
+                            "devices": int(p.mesh.size), "processes": jax.process_count(),
+                            "input": task.input_state(step)}, host_state=host)
         saved[0] = step
 
     pending: list[tuple[int, Any]] = []
@@ -285,7 +292,7 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
     stop = pre.requested and not multi
     try:
         while step < p.num_steps and not stop:
-            state, metrics = train_step(state, train_x, train_y, mean)
+            state, metrics = task.train_step(state)
             step += 1
             if not multi:
                 stop = pre.requested

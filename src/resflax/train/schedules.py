@@ -27,3 +27,49 @@ def piecewise_lr(step, base_lr: float, boundaries: Sequence[int], factor: float)
 def learning_rate(step, warmup_active, base_lr: float, boundaries: Sequence[int], factor: float, warmup_lr: float):
     """The lr used at ``step``: ``warmup_lr`` while the warm-up is active, else the piecewise schedule."""
     return jnp.where(warmup_active, jnp.float32(warmup_lr), piecewise_lr(step, base_lr, boundaries, factor))
+
+
+def linear_warmup_lr(step, base_lr: float, boundaries: Sequence[int], factor: float, warmup_steps: int):
+    """The piecewise schedule with a gradual linear warm-up (Goyal et al. 2017) over its first
+    ``warmup_steps`` steps: ``lr * (step + 1) / warmup_steps`` until then (0: no warm-up)."""
+    lr = piecewise_lr(step, base_lr, boundaries, factor)
+    if warmup_steps > 0:
+        ramp = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / float(warmup_steps))
+        lr = lr * ramp
+    return lr
+
+
+class Plateau:
+    """The paper's "divide the lr by 10 when the error plateaus" as a rule: after each evaluation of the
+    held-out split, if its error has not improved on the best so far by at least ``min_delta`` points for
+    ``patience`` evaluations in a row, the lr is multiplied by ``factor`` (at most ``max_drops`` times) and the
+    count starts again. Its state is a few numbers, saved with every checkpoint, so a resumed run decides the
+    same drops at the same steps."""
+
+    def __init__(self, patience: int, min_delta: float, factor: float, max_drops: int):
+        self.patience, self.min_delta, self.factor, self.max_drops = patience, min_delta, factor, max_drops
+        self.best: float | None = None
+        self.bad = 0
+        self.drops: list[int] = []  # steps at which the lr was divided
+
+    def scale(self) -> float:
+        return float(self.factor) ** len(self.drops)
+
+    def update(self, error: float, step: int) -> bool:
+        """Takes the held-out error (%) measured at ``step``; True if the lr drops from this step on."""
+        if self.best is None or error < self.best - self.min_delta:
+            self.best, self.bad = error, 0
+            return False
+        self.bad += 1
+        if self.bad >= self.patience and len(self.drops) < self.max_drops:
+            self.drops.append(int(step))
+            self.bad = 0
+            self.best = error
+            return True
+        return False
+
+    def state(self) -> dict:
+        return {"best": self.best, "bad": self.bad, "drops": list(self.drops)}
+
+    def load(self, state: dict) -> None:
+        self.best, self.bad, self.drops = state["best"], int(state["bad"]), [int(s) for s in state["drops"]]

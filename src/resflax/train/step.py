@@ -80,6 +80,39 @@ def batch_indices(rng_data: jax.Array, step: jax.Array, num_examples: int, batch
     return jax.lax.dynamic_slice(perm, (pos * batch_size,), (batch_size,))
 
 
+def _sgd_update(model, tx, cfg: StepConfig, state: TrainState, x, y, lr_fn) -> tuple[TrainState, dict]:
+    """One SGD step on this device's slice ``(x, y)``: gradients, loss, error and BN statistics averaged over
+    the ``data`` axis; ``lr_fn(state)`` gives the learning rate; the CIFAR warm-up bookkeeping is updated."""
+
+    def loss_fn(params):
+        logits, new_vars = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits, new_vars["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    error = jnp.mean(jnp.argmax(logits, -1) != y)
+    grads, loss, error, batch_stats = jax.lax.pmean((grads, loss, error, batch_stats), AXIS)
+
+    lr = lr_fn(state)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(lambda p, u: p - (lr * u).astype(p.dtype), state.params, updates)
+
+    ema = cfg.warmup_ema * state.train_error_ema + (1 - cfg.warmup_ema) * error
+    switch = state.warmup_active & (ema < cfg.warmup_until_error)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        train_error_ema=ema.astype(jnp.float32),
+        warmup_active=state.warmup_active & ~switch,
+        warmup_switch_step=jnp.where(switch, state.step + 1, state.warmup_switch_step),
+    )
+    return new_state, {"loss": loss, "error": error, "lr": lr}
+
+
 def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh) -> Callable:
     """Returns ``step(state, images_u8, labels, mean) -> (state, metrics)``, jitted over ``mesh``.
 
@@ -101,35 +134,12 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, me
         x = augment.train_augment(images[lidx], mean, keys)
         y = labels[lidx]
 
-        def loss_fn(params):
-            logits, new_vars = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+        def lr_fn(state):
+            return schedules.learning_rate(
+                state.step, state.warmup_active, cfg.base_lr, cfg.boundaries, cfg.factor, cfg.warmup_lr
             )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, (logits, new_vars["batch_stats"])
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        error = jnp.mean(jnp.argmax(logits, -1) != y)
-        grads, loss, error, batch_stats = jax.lax.pmean((grads, loss, error, batch_stats), AXIS)
-
-        lr = schedules.learning_rate(
-            state.step, state.warmup_active, cfg.base_lr, cfg.boundaries, cfg.factor, cfg.warmup_lr
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree_util.tree_map(lambda p, u: p - (lr * u).astype(p.dtype), state.params, updates)
-
-        ema = cfg.warmup_ema * state.train_error_ema + (1 - cfg.warmup_ema) * error
-        switch = state.warmup_active & (ema < cfg.warmup_until_error)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            train_error_ema=ema.astype(jnp.float32),
-            warmup_active=state.warmup_active & ~switch,
-            warmup_switch_step=jnp.where(switch, state.step + 1, state.warmup_switch_step),
-        )
-        return new_state, {"loss": loss, "error": error, "lr": lr}
+        return _sgd_update(model, tx, cfg, state, x, y, lr_fn)
 
     sharded = jax.shard_map(
         per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=(P(), P()), check_vma=False
@@ -137,17 +147,43 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, me
     return jax.jit(sharded, donate_argnums=(0,))
 
 
-def make_eval_step(model, mesh) -> Callable:
+def make_batch_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, lr_fn: Callable,
+                          finish: Callable) -> Callable:
+    """A train step fed from the host (ImageNet): ``step(state, images_u8, extra, labels, mean, lr_scale) ->
+    (state, metrics)``. ``images_u8`` (uint8 NHWC), ``extra`` (per-image values for ``finish``, e.g. the
+    lighting offsets) and ``labels`` are the global batch sharded over ``data``; ``finish(images, mean,
+    extra)`` makes the float input on the device; the lr is ``lr_fn(step) * lr_scale`` (``lr_scale``: drops
+    decided on the host, e.g. by a plateau rule)."""
+    if cfg.batch_size % mesh.shape[AXIS]:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {mesh.shape[AXIS]} devices")
+
+    def per_device(state: TrainState, images, extra, labels, mean, lr_scale):
+        x = finish(images, mean, extra)
+        return _sgd_update(model, tx, cfg, state, x, labels, lambda s: lr_fn(s.step) * lr_scale)
+
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(), P()), out_specs=(P(), P()),
+        check_vma=False,
+    )
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_eval_step(model, mesh, normalize: Callable = augment.normalize, top5: bool = False) -> Callable:
     """Returns ``eval(state_params, batch_stats, images_u8, labels, mask, mean) -> sums``: summed loss,
-    errors and count over the unmasked examples of a batch sharded over ``data``."""
+    errors (and with ``top5`` the top-5 errors) and count over the unmasked examples of a batch sharded over
+    ``data``; ``normalize(images_u8, mean)`` makes the float input."""
 
     def per_device(params, batch_stats, images, labels, mask, mean):
-        x = augment.normalize(images, mean)
+        x = normalize(images, mean)
         logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         wrong = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
         m = mask.astype(jnp.float32)
         sums = {"loss": jnp.sum(loss * m), "errors": jnp.sum(wrong * m), "count": jnp.sum(m)}
+        if top5:
+            k = min(5, logits.shape[-1])
+            in_top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+            sums["errors5"] = jnp.sum((~in_top5).astype(jnp.float32) * m)
         return jax.lax.psum(sums, AXIS)
 
     sharded = jax.shard_map(

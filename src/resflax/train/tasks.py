@@ -1,0 +1,355 @@
+"""The loop's data seam: a *task* owns a dataset, its train step and its evaluation; the loop owns the rest
+(workdir, checkpoints, signals, divergence, logging), the same for every dataset.
+
+- ``CifarTask``: the split lives on the device and each step draws and augments its batch inside the jitted
+  step (``step.make_train_step``); its input position is the step itself.
+- ``ImageNetTask`` (any TFDS dataset of encoded images with ``train``/``validation`` splits, e.g.
+  ``imagenet2012``): each process reads its own shard of the global batch on the host with a grain loader
+  (``data.imagenet_input``), worker processes decode and augment, and the jitted step receives uint8 crops.
+  Its input position is also the global step (``data.sharding.Stream``): the checkpoint's ``meta["input"]``
+  records it with the stream's identity, and a resumed run rebuilds the loader at that step, so it sees the
+  same images in the same order with the same augmentation, whatever its worker or process count.
+
+A task's interface: ``describe()``, ``image_shape``, ``steps_per_epoch``, ``start(step, saved_input)``,
+``train_step(state)``, ``evaluate(state)``, ``after_eval(results, step)``, ``input_state(step)``, ``close()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resflax.errors import BadInput, DataError
+from resflax.train import schedules
+from resflax.train import step as step_lib
+
+CIFAR = "cifar10"
+
+
+def is_cifar(config) -> bool:
+    return config.dataset == CIFAR
+
+
+def locate(config) -> tuple[str, int | None]:
+    """Finds the config's dataset before anything is written (``DataError`` if absent): its data_dir, and
+    the number of classes the model needs (``None``: the model's own, CIFAR-10's 10). Checks
+    ``val_examples`` against the training set's size."""
+    if is_cifar(config):
+        from resflax.data import cifar10  # noqa: PLC0415
+
+        found = cifar10.locate(config.data_dir), None  # prepares it once if the prepare extra is installed
+        num_train = 50_000
+    else:
+        from resflax.data import imagenet_source  # noqa: PLC0415
+
+        src = imagenet_source.open_source(config.dataset, config.data_dir)
+        found, num_train = (src.data_dir, config.get("num_classes") or src.num_classes), len(src.train)
+    if config.val_examples and not 0 < config.val_examples < num_train:
+        raise BadInput(f"val_examples must be in (0, {num_train}), got {config.val_examples}")
+    return found
+
+
+def validate(config, model) -> None:
+    """Checks the task-specific settings (``BadInput``)."""
+    if is_cifar(config):
+        if model.stem != "cifar":
+            raise BadInput(f"model {config.model!r} is an ImageNet model; CIFAR-10 needs a CIFAR model")
+        return
+    if model.stem == "cifar":
+        raise BadInput(f"model {config.model!r} is a CIFAR model; {config.dataset} needs an ImageNet model")
+    from resflax.data import imagenet  # noqa: PLC0415
+
+    preprocess(config)  # its own checks
+    if config.mean not in ("pixel", "channel"):
+        raise BadInput(f"mean must be 'pixel' or 'channel', got {config.mean!r}")
+    if config.lr_schedule not in ("fixed", "plateau"):
+        raise BadInput(f"lr_schedule must be 'fixed' or 'plateau', got {config.lr_schedule!r}")
+    if config.lr_schedule == "plateau" and not config.val_examples:
+        raise BadInput("lr_schedule='plateau' watches a held-out split: set val_examples (e.g. 10000)")
+    if config.lr_scaling not in ("none", "linear"):
+        raise BadInput(f"lr_scaling must be 'none' or 'linear', got {config.lr_scaling!r}")
+    if config.loader_workers < -1 or config.loader_threads < 0 or config.lr_warmup_steps < 0:
+        raise BadInput("loader_workers must be >= -1 (-1: automatic), loader_threads and lr_warmup_steps >= 0")
+    if config.get("warmup"):
+        raise BadInput("warmup (the CIFAR ResNet-110 rule) does not apply to ImageNet; use lr_warmup_steps")
+    del imagenet
+
+
+def peak_lr(config) -> float:
+    """The base lr, scaled linearly with the global batch (``lr_scaling='linear'``: lr * batch / 256)."""
+    if not is_cifar(config) and config.lr_scaling == "linear":
+        return config.base_lr * config.batch_size / config.lr_reference_batch
+    return config.base_lr
+
+
+def preprocess(config):
+    from resflax.data import imagenet  # noqa: PLC0415
+
+    return imagenet.Preprocess(
+        crop=config.crop, scale_range=tuple(config.scale_range), size=config.image_size,
+        eval_resize=config.eval_resize, flip=config.flip, lighting_std=config.lighting_std, draft=config.draft,
+        resample=config.resample)
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    return CifarTask.image_shape if is_cifar(config) else (config.image_size, config.image_size, 3)
+
+
+def create(config, plan, say) -> Any:
+    return (CifarTask if is_cifar(config) else ImageNetTask)(config, plan, say)
+
+
+class CifarTask:
+    """CIFAR-10 on the device (the paper's Sec. 4.2 pipeline, ``data.augment`` inside the step)."""
+
+    image_shape = (32, 32, 3)
+
+    def __init__(self, config, plan, say):
+        import time  # noqa: PLC0415
+
+        from resflax.data import cifar10  # noqa: PLC0415
+
+        t0 = time.time()
+        self.config, self.mesh = config, plan.mesh
+        self.data = data = cifar10.load(plan.data_dir, config.val_examples)
+        say(f"CIFAR-10 from {data.data_dir}: {len(data.train)} train / {len(data.test)} test"
+            + (f" / {len(data.val)} val" if data.val else "") + f" (decoded in {time.time() - t0:.1f}s)")
+        self.event = {"data_dir": data.data_dir, "train": len(data.train), "test": len(data.test),
+                      "val": len(data.val) if data.val else 0}
+        self.steps_per_epoch = len(data.train) // config.batch_size
+
+    def build(self, model, tx, step_cfg) -> None:
+        d = self.data
+        self.train_x, self.train_y, self.mean = step_lib.replicate((d.train.images, d.train.labels, d.mean),
+                                                                   self.mesh)
+        self._train = step_lib.make_train_step(model, tx, step_cfg, self.mesh)
+        self._eval = step_lib.make_eval_step(model, self.mesh)
+
+    def start(self, step: int, saved_input: dict | None) -> None:
+        pass  # the batch of a step is drawn inside the step from (seed, step)
+
+    def train_step(self, state):
+        return self._train(state, self.train_x, self.train_y, self.mean)
+
+    def evaluate(self, state, splits=("test", "val")) -> dict[str, dict]:
+        out = {}
+        for name, split in (("test", self.data.test), ("val", self.data.val)):
+            if split is not None and name in splits:
+                out[name] = step_lib.evaluate(self._eval, state, split.images, split.labels, self.mean,
+                                              self.config.eval_batch_size, self.mesh)
+        return out
+
+    def after_eval(self, results: dict, step: int) -> str | None:
+        return None
+
+    def input_state(self, step: int) -> dict:
+        return {"kind": "cifar10-device", "step": int(step)}
+
+    def close(self) -> None:
+        pass
+
+
+class _Slice:
+    """Examples ``[start, stop)`` of a source (picklable: grain workers receive it)."""
+
+    def __init__(self, source, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.source[self.start + int(i)]
+
+
+def _fingerprint(source, n: int = 4) -> str:
+    """A short identity of a split (its size and a few images' bytes): keys the mean cache, and tells a
+    resumption whether it reads the same training set."""
+    h = hashlib.sha256(str(len(source)).encode())
+    for i in np.linspace(0, len(source) - 1, min(n, len(source))).round().astype(int):
+        h.update(bytes(source[int(i)]["image"]))
+    return h.hexdigest()[:16]
+
+
+def _cache_dir(config) -> Path:
+    if config.mean_cache_dir:
+        return Path(config.mean_cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "resflax"
+
+
+class ImageNetTask:
+    """A TFDS dataset of encoded images read through a grain loader (the paper's Sec. 3.4 pipeline)."""
+
+    def __init__(self, config, plan, say):
+        import time  # noqa: PLC0415
+
+        from resflax.data import imagenet, imagenet_source  # noqa: PLC0415
+        from resflax.data.sharding import Stream  # noqa: PLC0415
+
+        self.config, self.mesh, self.say, self.num_steps = config, plan.mesh, say, plan.num_steps
+        self.cfg = preprocess(config)
+        self.workers = config.loader_workers
+        if self.workers == -1:
+            self.workers = max(0, min(32, (os.cpu_count() or 1) - 1))
+        src = imagenet_source.open_source(config.dataset, plan.data_dir)
+        train, self.val = src.train, None
+        if config.val_examples:
+            if not 0 < config.val_examples < len(train):
+                raise DataError(f"val_examples must be in (0, {len(train)}), got {config.val_examples}")
+            cut = len(train) - config.val_examples
+            train, self.val = _Slice(src.train, 0, cut), _Slice(src.train, cut, len(src.train))
+        self.train, self.test, self.source = train, src.validation, src
+        self.pcount, self.pindex = jax.process_count(), jax.process_index()
+        if config.batch_size % self.pcount:
+            raise BadInput(f"batch_size {config.batch_size} is not divisible by the {self.pcount} processes")
+        self.stream = Stream(len(train), config.batch_size, config.seed, self.pindex, self.pcount)
+        self.fingerprint = _fingerprint(train)
+        self.steps_per_epoch = len(train) / config.batch_size
+        t0 = time.time()
+        if config.mean == "pixel":
+            path = imagenet.mean_cache_path(_cache_dir(config), f"{src.name}-{self.fingerprint}", src.version,
+                                            config.mean_images, self.cfg)
+            cached = path.exists()
+            self.mean_host = imagenet.load_or_compute_mean(
+                path, lambda: imagenet.sample_images(train, config.mean_images), self.cfg)
+            how = f"{'read from' if cached else 'computed from'} {min(config.mean_images, len(train))} " \
+                  f"training images, cached at {path}"
+            how += "" if cached else f" ({time.time() - t0:.0f}s)"
+        else:
+            self.mean_host = imagenet.channel_mean()
+            how = f"per-channel {tuple(imagenet.CHANNEL_MEAN)}"
+        say(f"{src.name} {src.version} from {src.data_dir}: {len(train)} train / {len(self.test)} validation"
+            + (f" / {len(self.val)} held out" if self.val is not None else "")
+            + f", {src.num_classes} classes; mean {how}")
+        self.event = {"data_dir": src.data_dir, "dataset": src.name, "version": src.version,
+                      "train": len(train), "test": len(self.test), "val": len(self.val) if self.val else 0,
+                      "mean": config.mean, "loader_workers": self.workers}
+        self.plateau = None
+        if config.lr_schedule == "plateau":
+            self.plateau = schedules.Plateau(config.plateau_patience, config.plateau_min_delta, config.lr_factor,
+                                             config.plateau_max_drops)
+        self._it = None
+        self._next_step = None
+
+    @property
+    def image_shape(self):
+        return (self.cfg.size, self.cfg.size, 3)
+
+    def build(self, model, tx, step_cfg) -> None:
+        from resflax.data import imagenet  # noqa: PLC0415
+
+        c = self.config
+        boundaries = () if self.plateau is not None else step_cfg.boundaries
+        warmup = schedules.scaled_steps(c.lr_warmup_steps, c.schedule_scale) if c.lr_warmup_steps else 0
+        lr_fn = functools.partial(schedules.linear_warmup_lr, base_lr=step_cfg.base_lr, boundaries=boundaries,
+                                  factor=step_cfg.factor, warmup_steps=warmup)
+
+        def finish(images, mean, lighting):
+            return imagenet.finish_batch(images, mean, lighting, xp=jnp)
+
+        self._train = step_lib.make_batch_train_step(model, tx, step_cfg, self.mesh, lr_fn, finish)
+        self._eval = step_lib.make_eval_step(
+            model, self.mesh, lambda images, mean: imagenet.finish_batch(images, mean, None, xp=jnp), top5=True)
+        self.mean = step_lib.replicate(self.mean_host, self.mesh)
+        self._sharded = NamedSharding(self.mesh, P(step_lib.AXIS))
+
+    # ---- training input ----------------------------------------------------------------------------------
+
+    def start(self, step: int, saved_input: dict | None) -> None:
+        """Positions the input at global step ``step`` (checking a checkpoint's record of it)."""
+        if saved_input is not None:
+            want = self.input_state(step)
+            if saved_input.get("kind") != want["kind"] or int(saved_input.get("step", -1)) != step:
+                raise DataError(f"the checkpoint's input record {saved_input} does not belong to step {step}")
+            if (saved_input.get("fingerprint"), saved_input.get("num_examples")) != (want["fingerprint"],
+                                                                                     want["num_examples"]):
+                self.say(f"note: the training set differs from the one this run started with "
+                         f"({saved_input.get('num_examples')} -> {want['num_examples']} images, or other "
+                         "images): training continues, but will not reproduce an uninterrupted run")
+            if self.plateau is not None and "plateau" in saved_input:
+                self.plateau.load(saved_input["plateau"])
+        self._open(step)
+
+    def _open(self, step: int) -> None:
+        from resflax.data import imagenet_input  # noqa: PLC0415
+
+        self.close()
+        remaining = max(0, self.num_steps - step)
+        ds = imagenet_input.train_dataset(self.train, self.stream, remaining, start_step=step, cfg=self.cfg)
+        self._it = imagenet_input.loader(ds, workers=self.workers, read_threads=self.config.loader_threads)
+        self._next_step = step
+
+    def _global(self, local: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(self._sharded, np.ascontiguousarray(local))
+
+    def train_step(self, state):
+        batch = next(self._it)
+        self._next_step += 1
+        images, lighting, labels = (self._global(batch[k]) for k in ("image", "lighting", "label"))
+        scale = np.float32(self.plateau.scale() if self.plateau is not None else 1.0)
+        return self._train(state, images, lighting, labels, self.mean, scale)
+
+    def input_state(self, step: int) -> dict:
+        out = {"kind": "stream", "step": int(step), "seed": self.config.seed, "num_examples": len(self.train),
+               "global_batch": self.config.batch_size, "fingerprint": self.fingerprint}
+        if self.plateau is not None:
+            out["plateau"] = self.plateau.state()
+        return out
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+
+    def _eval_split(self, state, source) -> dict[str, float]:
+        from resflax.data import imagenet_input  # noqa: PLC0415
+        from resflax.train.distributed import to_host  # noqa: PLC0415
+
+        ndev = self.mesh.size
+        unit = ndev * self.pcount // np.gcd(ndev, self.pcount)
+        batch = max(unit, self.config.eval_batch_size - self.config.eval_batch_size % unit)
+        ds = imagenet_input.eval_dataset(source, batch, self.pindex, self.pcount, self.cfg)
+        it = imagenet_input.loader(ds, workers=self.workers, read_threads=self.config.loader_threads)
+        sums = None
+        try:
+            for b in it:
+                out = self._eval(state.params, state.batch_stats, self._global(b["image"]),
+                                 self._global(b["label"]), self._global(b["mask"]), self.mean)
+                sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+        finally:
+            it.close()
+        totals = {k: float(v) for k, v in to_host(sums).items()}
+        n = len(source)
+        if int(totals["count"]) != n:
+            raise RuntimeError(f"evaluation counted {totals['count']} examples, expected {n}")
+        return {"error": 100.0 * totals["errors"] / n, "top5_error": 100.0 * totals["errors5"] / n,
+                "loss": totals["loss"] / n, "count": n}
+
+    def evaluate(self, state, splits=("test", "val")) -> dict[str, dict]:
+        out = {"test": self._eval_split(state, self.test)}
+        if self.val is not None and "val" in splits:
+            out["val"] = self._eval_split(state, self.val)
+        return out
+
+    def after_eval(self, results: dict, step: int) -> str | None:
+        """The plateau rule (if on): may divide the lr from ``step`` on; returns a message if it did."""
+        if self.plateau is None or "val" not in results:
+            return None
+        if self.plateau.update(results["val"]["error"], step):
+            return (f"held-out error {results['val']['error']:.2f}% has not improved by "
+                    f"{self.config.plateau_min_delta} for {self.config.plateau_patience} evaluations: lr divided "
+                    f"by {1 / self.config.lr_factor:g} from step {step} (drop {len(self.plateau.drops)})")
+        return None
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None:
+            it.close()  # stops grain's worker processes
