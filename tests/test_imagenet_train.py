@@ -116,6 +116,24 @@ def test_kill9_mid_epoch_resumes_bit_exactly_with_another_worker_count(reference
 
 
 @pytest.mark.slow
+def test_two_processes_reading_their_own_shards_match_one(reference, tiny_data, tmp_path, tmp_path_factory):
+    """2 processes of 1 device each (gloo), each decoding only its half of every global batch: the same final
+    digest and metrics as 1 process with 2 devices."""
+    ref_digest, ref_dir, _ = reference
+    cc, w, port = rh.cache_dir(tmp_path_factory), tmp_path / "run", rh.free_port()
+    procs = [_start(w, tmp_path / f"p{i}.log",
+                    rh.env(cc, devices=1, RESFLAX_COORDINATOR=f"127.0.0.1:{port}", RESFLAX_NUM_PROCESSES=2,
+                           RESFLAX_PROCESS_ID=i),
+                    _args(tiny_data, tmp_path / "cache", "--config.loader_workers=0"))
+             for i in range(2)]
+    rcs = [p.wait(timeout=600) for p in procs]
+    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    assert rcs == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert rh.digest(tmp_path / "p0.log") == rh.digest(tmp_path / "p1.log") == ref_digest
+    assert rh.metrics(w) == rh.metrics(ref_dir)
+
+
+@pytest.mark.slow
 def test_plateau_rule_drops_the_lr_and_survives_a_resumption(tiny_data, tmp_path, tmp_path_factory):
     """lr_schedule=plateau with 8 held-out images, patience 1 and an improvement nobody reaches: the second
     evaluation (step 4) divides the lr. The run is stopped at step 4 and resumed to step 6 (num_steps is
