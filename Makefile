@@ -18,8 +18,8 @@ STUDY       := plain20 resnet20 plain56 resnet56
 # make study runs at schedule_scale 0.01 unless SCHEDULE_SCALE is given on the command line
 STUDY_SCHEDULE_SCALE = $(if $(filter command line,$(origin SCHEDULE_SCALE)),$(SCHEDULE_SCALE),0.01)
 rundir = runs/cifar-$(1)$(if $(filter-out 1.0,$(SCHEDULE_SCALE)),-s$(SCHEDULE_SCALE))
-# ImageNet: Table 2 (plain/ResNet-18/34, option A), Table 3 (ResNet-34 B/C, ResNet-50/101/152, option B)
-IMAGENET_MODELS := plain18 plain34 resnet18 resnet34 resnet50 resnet101 resnet152
+# ImageNet: Table 2 (plain/ResNet-18/34, option A), Table 3 (VGG-16/19, ResNet-34 B/C, ResNet-50/101/152, option B)
+IMAGENET_MODELS := plain18 plain34 resnet18 resnet34 resnet50 resnet101 resnet152 vgg16 vgg19
 inrundir = runs/imagenet-$(1)$(if $(filter-out 1.0,$(SCHEDULE_SCALE)),-s$(SCHEDULE_SCALE))
 
 .PHONY: venv test test-fast lint demo data summary bench clean cifar-degradation cifar-table6 study \

@@ -28,6 +28,9 @@ checkpoint, so a resumed run continues identically.
 Large batches (pods): ``lr_scaling="linear"`` makes the lr ``base_lr * batch_size / 256`` and
 ``lr_warmup_steps`` ramps it linearly from ~0 over that many steps (Goyal et al. 2017: 5 epochs).
 
+``vgg16``/``vgg19`` (the Fig. 3 / Table 3 baselines) train with their own paper's settings: lr 0.01, weight
+decay 5e-4, dropout 0.5 in the first two FC layers, scale jitter [256, 512]; the ResNets' schedule otherwise.
+
 Arguments after ``:``: the model, then ``key=value`` settings named like the config keys they set:
 ``seed``, ``shortcut``, ``val_examples``, ``schedule_scale`` (multiplies every step count of the schedule).
 ``:tiny`` is a CPU-sized run (ResNet-18 at 112 px, 30 steps) on the small real-photo dataset that
@@ -62,7 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data_dir = ml_collections.config_dict.placeholder(str)  # else $TFDS_DATA_DIR, ~/tensorflow_datasets
     c.val_examples = a.val_examples  # training images held out (the plateau rule watches them); 0 = none
     c.crop = "scale"  # "scale": the paper's [256, 480] scale augmentation; "inception": random-resized crop
-    c.scale_range = (128, 240) if tiny else (256, 480)  # shorter side before the crop, uniform, inclusive
+    # shorter side before the crop, uniform, inclusive
+    c.scale_range = (128, 240) if tiny else (256, 512) if a.model.startswith("vgg") else (256, 480)
     c.image_size = 112 if tiny else 224  # crop side
     c.eval_resize = 128 if tiny else 256  # evaluation: shorter side, then the centre crop
     c.flip = True
@@ -80,7 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 16 if tiny else 250
     c.schedule_scale = a.schedule_scale  # multiplies num_steps, lr_boundaries and lr_warmup_steps
     c.num_steps = 30 if tiny else 600_000
-    c.base_lr = 0.1
+    vgg = c.model.startswith("vgg")
+    c.base_lr = 0.01 if vgg else 0.1
     c.lr_schedule = "fixed"  # "fixed": drops at lr_boundaries; "plateau": drops when the held-out error stalls
     c.lr_boundaries = (15, 25) if tiny else (150_000, 300_000, 450_000)  # fixed schedule: epochs 30, 60, 90
     c.lr_factor = 0.1
@@ -91,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lr_reference_batch = 256
     c.lr_warmup_steps = 0  # gradual linear warm-up (steps, before schedule_scale); 0 = none
     c.momentum = 0.9
-    c.weight_decay = 1e-4
+    c.weight_decay = 5e-4 if vgg else 1e-4
     c.weight_decay_on = "all"  # or "kernels" (conv/fc kernels only)
     c.warmup = False  # the CIFAR ResNet-110 rule; not used on ImageNet (see lr_warmup_steps)
     c.warmup_lr = 0.01

@@ -45,6 +45,9 @@ PARAMS = {
     # ResNet-18/34 (option B) minus their three projections 64->128, 128->256, 256->512 (1x1 conv + BN).
     "plain18": 11_689_512 - 173_824,
     "plain34": 21_797_672 - 173_824,
+    # torchvision's vgg16 / vgg19 (1000 classes)
+    "vgg16": 138_357_544,
+    "vgg19": 143_667_240,
 }
 
 # Table 1, multiply-adds per 224x224 image.
@@ -215,3 +218,27 @@ def test_golden_parameter_tree(golden):
     # The golden file is a real parameter tree, not an empty one.
     n_params = sum(int(jnp.prod(jnp.array(s))) for p, s in expected.items() if p.startswith("params/"))
     assert n_params == summary(name, **overrides)["params"]
+
+
+def test_vgg_counts_match_torchvision_and_the_paper():
+    for name in ("vgg16", "vgg19"):
+        s = summary(name)
+        assert s["params"] == s["paper_params"]  # torchvision's vgg16 / vgg19, exactly
+        assert abs(s["mult_adds"] - s["paper_mult_adds"]) / s["paper_mult_adds"] < 0.03
+
+
+def test_vgg_adaptive_pool_is_torchvisions():
+    import numpy as np  # noqa: PLC0415
+
+    from resflax.models.vgg import _adaptive_avg_pool  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    for h, w in [(9, 11), (1, 1), (7, 7), (14, 3)]:
+        x = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+        want = np.zeros((2, 7, 7, 3), np.float32)
+        for i in range(7):  # PyTorch's definition: start floor(i*H/7), end ceil((i+1)*H/7)
+            for j in range(7):
+                r0, r1 = (i * h) // 7, -(-((i + 1) * h) // 7)
+                c0, c1 = (j * w) // 7, -(-((j + 1) * w) // 7)
+                want[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+        np.testing.assert_allclose(np.asarray(_adaptive_avg_pool(x, 7)), want, rtol=1e-6, atol=1e-6)

@@ -135,9 +135,10 @@ def test_two_processes_reading_their_own_shards_match_one(reference, tiny_data, 
 
 @pytest.mark.slow
 def test_plateau_rule_drops_the_lr_and_survives_a_resumption(tiny_data, tmp_path, tmp_path_factory):
-    """lr_schedule=plateau with 8 held-out images, patience 1 and an improvement nobody reaches: the second
-    evaluation (step 4) divides the lr. The run is stopped at step 4 and resumed to step 6 (num_steps is
-    resumable): the resumed steps use the dropped lr, because the rule's state travels in the checkpoint."""
+    """lr_schedule=plateau with 8 held-out images, patience 1 and an improvement nobody reaches: every
+    evaluation after the first (steps 4 and 6) divides the lr. The run is stopped at step 4 and resumed to
+    step 6 (num_steps is resumable): the resumed steps use the dropped lr, because the rule's state travels in
+    the checkpoint."""
     e = rh.env(rh.cache_dir(tmp_path_factory))
     w, log = tmp_path / "run", tmp_path / "log"
     base = _args(tiny_data, tmp_path / "cache", "--config.lr_schedule=plateau", "--config.val_examples=8",
@@ -152,7 +153,9 @@ def test_plateau_rule_drops_the_lr_and_survives_a_resumption(tiny_data, tmp_path
     rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in rows if r.get("split") == "train"}
     assert lrs[4] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.01) and lrs[6] == pytest.approx(0.01)
-    assert [r["step"] for r in rows if r.get("event") == "lr_drop"] == [4]
+    # step 6's evaluation does not improve on step 4's by 1000 points either: a second drop, for step 7 on
+    assert [r["step"] for r in rows if r.get("event") == "lr_drop"] == [4, 6]
+    assert _meta(w, 6)["input"]["plateau"]["drops"] == [4, 6]
     assert {r["split"] for r in rows if "split" in r} == {"train", "test", "val"}
 
 

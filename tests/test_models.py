@@ -86,7 +86,21 @@ def _sown(intermediates):
 
 
 def test_available_models_are_the_papers():
-    assert sorted(available_models()) == sorted(CIFAR_MODELS + IMAGENET_MODELS)
+    assert sorted(available_models()) == sorted(CIFAR_MODELS + IMAGENET_MODELS + ["vgg16", "vgg19"])
+
+
+def test_vgg_forward_and_dropout():
+    model = get_model("vgg16", num_classes=5)
+    x = jnp.ones((2, 64, 64, 3))
+    v = model.init(KEY, x, train=False)
+    assert set(v["params"]) == {f"conv{i}" for i in range(13)} | {"fc0", "fc1", "fc2"}
+    assert "batch_stats" not in v
+    a = model.apply(v, x, train=False)
+    assert a.shape == (2, 5) and bool(jnp.all(a == model.apply(v, x, train=False)))
+    b1 = model.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    b2 = model.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert not bool(jnp.allclose(b1, b2))  # dropout is on in training only
+    assert len(jax.eval_shape(lambda: get_model("vgg19").init(KEY, x))["params"]) == 16 + 3
 
 
 @pytest.mark.parametrize("name", CIFAR_MODELS + IMAGENET_MODELS)
@@ -116,7 +130,7 @@ def test_output_shape_of_every_named_model(name):
         "plain",
         "ResNet20",
         "resnet-20",
-        "vgg19",
+        "vgg11",
         "",
     ],
 )

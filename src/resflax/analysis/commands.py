@@ -40,7 +40,9 @@ def cmd_responses(argv: list[str]) -> int:
         prog="resflax responses",
         description="Fig. 7: std of each 3x3 layer's response (after BN, before ReLU/addition) over the test set")
     ap.add_argument("--workdir", nargs="+", required=True, metavar="DIR", help="run directories (latest checkpoint)")
-    ap.add_argument("--out", required=True, help="output folder (created): fig7.png, responses.csv, responses.md")
+    ap.add_argument("--out", default=None,
+                    help="output folder (created): fig7.png, responses.csv, responses.md (default: DIR/responses "
+                         "for one run directory, responses/ in the runs' common parent folder for several)")
     ap.add_argument("--data_dir", default=None, help="TFDS data_dir (default: the run's, then TFDS's lookup)")
     ap.add_argument("--max_images", type=int, default=None, help="first N test images (default: all 10,000)")
     ap.add_argument("--batch_size", type=int, default=500)
@@ -57,6 +59,8 @@ def cmd_responses(argv: list[str]) -> int:
         print(f"{w}: {r['model']} step {r['step']}, {len(stds)} 3x3 layers over {r['images']} test images, "
               f"std mean {sum(stds) / len(stds):.3f}, max {max(stds):.3f}", flush=True)
         results.append(r)
-    written = responses.write_responses(results, args.out, _command("responses", argv))
-    print("wrote " + ", ".join(str(p) for p in written.values()))
+    out = args.out if args.out is not None else responses.default_out(args.workdir)
+    written = responses.write_responses(results, out, _command("responses", argv))
+    where = "" if args.out is not None else " (no --out given: the default next to the runs)"
+    print("wrote " + ", ".join(str(p) for p in written.values()) + where)
     return 0

@@ -34,6 +34,9 @@ PAPER = {
        for d, p in ((20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018), (110, 1_727_962))},
     "plain18": dict(mult_adds=1.8e9),
     "plain34": dict(mult_adds=3.6e9),
+    # Fig. 3 / Table 3 baselines: multiply-adds of the paper's Fig. 3 text; parameters of torchvision's vgg16/19
+    "vgg16": dict(params=138_357_544, mult_adds=15.3e9),
+    "vgg19": dict(params=143_667_240, mult_adds=19.6e9),
 }
 
 

@@ -21,6 +21,7 @@ from resflax.analysis.runs import (  # noqa: F401  (re-exported: report.Run, rep
     family_depth,
     label,
     load_run,
+    portable_path,
     read_metrics,
     schedules_note,
 )
@@ -224,7 +225,7 @@ def findings(runs: list[Run]) -> list[str]:
 
 
 def runs_table(runs: list[Run]) -> str:
-    rows = [{"run": str(r.path), "model": label(r.model), "seed": str(r.seed),
+    rows = [{"run": portable_path(r.path), "model": label(r.model), "seed": str(r.seed),
              "batch": str(r.config.get("batch_size", "–")), "schedule": r.schedule, "status": r.progress,
              "final train error %": _fmt(r.final_train), "final test error %": _fmt(r.final_test)}
             for r in sorted(runs, key=lambda r: (r.model, r.seed, str(r.path)))]

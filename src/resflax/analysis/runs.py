@@ -27,6 +27,30 @@ _NAME = re.compile(r"^(?:cifar_)?(resnet|plain)(\d+)$")
 FINAL_TRAIN_FRACTION = 0.05  # "final training error": mean of the records in the last 5% of the iterations
 
 
+def portable_path(p: str | os.PathLike) -> str:
+    """``p`` as written into generated files (markdown, CSV, figures): no machine-specific absolute paths.
+
+    Under the current directory or at most two ``..`` above it: relative to it (``../shared/tfds`` from
+    ``/work/main``); else under the home directory: ``~/...``; else ``…/`` and its last two components.
+    Only for what people read: the values the code works with keep their absolute paths.
+    """
+    s = os.fspath(p)
+    if not s:
+        return s
+    path = os.path.abspath(os.path.expanduser(s))
+    try:
+        rel = os.path.relpath(path, os.getcwd())
+    except ValueError:  # another drive (Windows)
+        rel = None
+    if rel is not None and Path(rel).parts[:3].count(os.pardir) <= 2:
+        return Path(rel).as_posix()
+    home = os.path.expanduser("~").rstrip(os.sep)
+    if home not in ("~", "") and (path == home or path.startswith(home + os.sep)):
+        return "~" + path[len(home):].replace(os.sep, "/")
+    parts = [q for q in Path(path).parts if q != Path(path).anchor]
+    return "…/" + "/".join(parts[-2:])
+
+
 def family_depth(model: str) -> tuple[str, int]:
     """``("resnet", 56)`` for ``resnet56``; ``("other", 0)`` for names outside the CIFAR families."""
     m = _NAME.match(model)
@@ -178,12 +202,12 @@ def dataset_name(config: dict[str, Any]) -> str:
     d = config.get("data_dir") or config.get("data_dir_used")
     if d:
         copy = " (JPEG q75 copy)" if str(Path(d).resolve()).endswith(str(SHARED_COPY)) else ""
-        return f"CIFAR-10{copy}, TFDS data_dir {d}"
+        return f"CIFAR-10{copy}, TFDS data_dir {portable_path(d)}"
     env = os.environ.get("TFDS_DATA_DIR")
     now = ""
     if env:
         copy = ", the JPEG q75 copy" if str(Path(env).resolve()).endswith(str(SHARED_COPY)) else ""
-        now = f"; $TFDS_DATA_DIR is {env}{copy} where this report was generated"
+        now = f"; $TFDS_DATA_DIR is {portable_path(env)}{copy} where this report was generated"
     return ("CIFAR-10 via TFDS (data_dir not recorded in config.json: found through $TFDS_DATA_DIR or "
             f"~/tensorflow_datasets at training time{now})")
 

@@ -2,7 +2,8 @@
 
 CIFAR-10 (Sec. 4.2, option A, 3 stages of n basic blocks, depth 6n+2): ``resnet20/32/44/56/110/1202``,
 ``plain20/32/44/56/110`` and any other ``resnet{6n+2}`` / ``plain{6n+2}``.
-ImageNet (Table 1, option B): ``resnet18/34/50/101/152`` and ``plain18/34``.
+ImageNet (Table 1, option B): ``resnet18/34/50/101/152`` and ``plain18/34``; the VGG baselines ``vgg16``
+and ``vgg19`` (``models.vgg``).
 
 Depths 50 and 152 are both 6n+2 and ImageNet depths; the bare name means the ImageNet model. The prefixes
 ``cifar_`` and ``imagenet_`` pick a family explicitly (``cifar_resnet50`` is the 8-blocks-per-stage CIFAR net).
@@ -14,6 +15,7 @@ import re
 from typing import Any
 
 from resflax.models.resnet import ResNet
+from resflax.models.vgg import VGG
 
 IMAGENET = {
     18: ("basic", (2, 2, 2, 2)),
@@ -27,13 +29,15 @@ CIFAR_PAPER_RESNETS = (20, 32, 44, 56, 110, 1202)
 CIFAR_PAPER_PLAINS = (20, 32, 44, 56, 110)
 
 _NAME = re.compile(r"^(?:(cifar|imagenet)_)?(resnet|plain)(\d+)$")
+_VGG = re.compile(r"^vgg(16|19)$")
+VGG_DEPTHS = (16, 19)
 
 
 def available_models() -> list[str]:
     """The paper's named models (any other ``resnet{6n+2}``/``plain{6n+2}`` CIFAR depth also works)."""
     names = [f"resnet{d}" for d in CIFAR_PAPER_RESNETS] + [f"plain{d}" for d in CIFAR_PAPER_PLAINS]
     names += [f"resnet{d}" for d in IMAGENET] + [f"plain{d}" for d in IMAGENET_PLAIN]
-    return names
+    return names + [f"vgg{d}" for d in VGG_DEPTHS]
 
 
 def _unknown(name: str, why: str) -> ValueError:
@@ -44,7 +48,11 @@ def _unknown(name: str, why: str) -> ValueError:
 
 
 def model_spec(name: str) -> dict[str, Any]:
-    """The ``ResNet`` fields of a named model (before overrides); raises ``ValueError`` for unknown names."""
+    """The fields of a named model (before overrides): ``ResNet``'s, or ``VGG``'s for ``vgg16``/``vgg19``;
+    raises ``ValueError`` for unknown names."""
+    v = _VGG.match(name)
+    if v:
+        return dict(depth=int(v.group(1)), num_classes=1000, stem="imagenet")
     m = _NAME.match(name)
     if not m:
         raise _unknown(name, "not of the form resnetN or plainN")
@@ -81,14 +89,26 @@ def model_spec(name: str) -> dict[str, Any]:
     )
 
 
-def get_model(name: str, **overrides: Any) -> ResNet:
+def model_class(name: str) -> type:
+    """``VGG`` for the VGG names, else ``ResNet``."""
+    return VGG if _VGG.match(name) else ResNet
+
+
+def model_fields(name: str) -> set[str]:
+    """The fields ``get_model(name, **overrides)`` accepts."""
+    return set(model_class(name).__dataclass_fields__) - {"parent", "name"}
+
+
+def get_model(name: str, **overrides: Any) -> ResNet | VGG:
     """Builds a named model, e.g. ``get_model("resnet110")`` or ``get_model("resnet34", shortcut="C")``.
 
-    Any ``ResNet`` field can be overridden (``shortcut``, ``stride_on_3x3``, ``num_classes``, ``dtype``, ...).
+    Any field of the model's class can be overridden (``shortcut``, ``stride_on_3x3``, ``num_classes``,
+    ``dtype``, ...).
     """
     spec = model_spec(name)
-    unknown = set(overrides) - set(ResNet.__dataclass_fields__) - {"parent", "name"}
+    cls = model_class(name)
+    unknown = set(overrides) - model_fields(name)
     if unknown:
         raise ValueError(f"unknown model field(s) {sorted(unknown)} for {name!r}")
     spec.update(overrides)
-    return ResNet(**spec)
+    return cls(**spec)

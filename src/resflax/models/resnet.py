@@ -109,7 +109,8 @@ class Stage(nn.Module):
 
 
 def _scanned_stages(model) -> list[tuple[str, int]]:
-    return [(f"stage{i + 1}", n) for i, n in enumerate(model.stage_sizes) if scans(n, model.scan_min_blocks)]
+    sizes = getattr(model, "stage_sizes", ())  # models without stages (VGG) scan nothing
+    return [(f"stage{i + 1}", n) for i, n in enumerate(sizes) if scans(n, model.scan_min_blocks)]
 
 
 def _is_variables(tree: Any) -> bool:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from resflax.errors import BadInput, DivergenceError
-from resflax.models import get_model
+from resflax.models import get_model, model_fields
 from resflax.train import distributed, schedules, tasks
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
@@ -81,6 +81,8 @@ def _plan(config: ml_collections.ConfigDict) -> Plan:
     data_dir, num_classes = tasks.locate(config)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
+    # settings of the ResNet family that a model without them (VGG) ignores
+    overrides = {k: v for k, v in overrides.items() if k in model_fields(config.model)}
     model = get_model(config.model, **overrides)
     tasks.validate(config, model)
     ndev = config.num_devices or jax.device_count()

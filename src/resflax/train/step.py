@@ -84,9 +84,14 @@ def _sgd_update(model, tx, cfg: StepConfig, state: TrainState, x, y, lr_fn) -> t
     """One SGD step on this device's slice ``(x, y)``: gradients, loss, error and BN statistics averaged over
     the ``data`` axis; ``lr_fn(state)`` gives the learning rate; the CIFAR warm-up bookkeeping is updated."""
 
+    rngs = {}
+    if getattr(model, "dropout_rate", 0):  # VGG: a different dropout mask per step and per device
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, 3), state.step)
+        rngs["dropout"] = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+
     def loss_fn(params):
         logits, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"], rngs=rngs
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, (logits, new_vars["batch_stats"])
