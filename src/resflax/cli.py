@@ -5,6 +5,9 @@
                                                 (resflax train --help lists every config key)
     resflax eval --workdir=DIR [--json]         test error of the latest checkpoint, with a state digest
     resflax prepare-data [--data_dir=DIR]       download and prepare CIFAR-10 (ArrayRecord) once
+    resflax prepare-data --dataset imagenet2012 [--manual_dir=DIR]   ImageNet from the manual download's tars
+    resflax make-tiny-imagenet --out DIR [--name N] [--num_classes C] [--train_per_class K] [--val_per_class K]
+                                                a small real-photo ImageNet-like dataset (for imagenet.py:tiny)
     resflax report RUN_DIR... --out DIR          Fig. 6 curves and the Table 6 markdown from runs
     resflax responses --workdir DIR [DIR...]     Fig. 7: std of each 3x3 layer's response (PNG + CSV)
 
@@ -177,12 +180,44 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    ap = ArgumentParser(prog="resflax prepare-data", description="download and prepare CIFAR-10 once")
-    ap.add_argument("--data_dir", default=None)
+    ap = ArgumentParser(prog="resflax prepare-data",
+                        description="prepare a dataset once as TFDS ArrayRecord (needs the prepare extra: TensorFlow)")
+    ap.add_argument("--dataset", choices=("cifar10", "imagenet2012"), default="cifar10",
+                    help="cifar10 is downloaded; imagenet2012 is built from the manual download's two tars")
+    ap.add_argument("--data_dir", default=None, help="TFDS data_dir (default: $TFDS_DATA_DIR, ~/tensorflow_datasets)")
+    ap.add_argument("--manual_dir", default=None,
+                    help="imagenet2012: the folder holding ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+                         "(default: <data_dir>/downloads/manual)")
     args = ap.parse_args(argv)
-    from resflax.data.cifar10 import prepare  # noqa: PLC0415
+    if args.dataset == "cifar10":
+        if args.manual_dir:
+            raise BadInput("--manual_dir applies to --dataset imagenet2012 only")
+        from resflax.data.cifar10 import prepare  # noqa: PLC0415
 
-    print(f"CIFAR-10 ready in {prepare(args.data_dir)}")
+        print(f"CIFAR-10 ready in {prepare(args.data_dir)}")
+        return 0
+    from resflax.data.imagenet_source import prepare as prepare_imagenet  # noqa: PLC0415
+
+    print(f"imagenet2012 ready in {prepare_imagenet(args.data_dir, args.manual_dir)}")
+    return 0
+
+
+def cmd_make_tiny(argv: list[str]) -> int:
+    ap = ArgumentParser(prog="resflax make-tiny-imagenet",
+                        description="write a small ImageNet-like TFDS dataset of real photographs (for :tiny)")
+    ap.add_argument("--out", required=True, help="TFDS data_dir to write it into (give it as --config.data_dir)")
+    ap.add_argument("--name", default="resflax_tiny_jpeg", help="dataset name (give it as --config.dataset)")
+    ap.add_argument("--num_classes", type=int, default=4, help="one sample photograph per class (at most 8)")
+    ap.add_argument("--train_per_class", type=int, default=16)
+    ap.add_argument("--val_per_class", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from resflax.data.tiny_imagenet import write_tiny_dataset  # noqa: PLC0415
+
+    out = write_tiny_dataset(args.out, name=args.name, num_classes=args.num_classes,
+                             train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed)
+    print(f"{args.name} ready in {out}: {args.num_classes * args.train_per_class} train / "
+          f"{args.num_classes * args.val_per_class} validation images")
     return 0
 
 
@@ -203,6 +238,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "prepare-data": cmd_prepare,
+    "make-tiny-imagenet": cmd_make_tiny,
     "report": cmd_report,
     "responses": cmd_responses,
 }

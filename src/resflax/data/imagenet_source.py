@@ -1,0 +1,132 @@
+"""ImageNet-style datasets from TFDS, read as ArrayRecord: no TensorFlow at train time, and the images stay
+**encoded** so that the loader's workers decode only the crop they need (``data.jpeg``).
+
+Any TFDS dataset with ``train``/``validation`` splits and ``image``/``label`` features works: the real
+``imagenet2012``, or one ``data.tiny_imagenet`` writes. Each split is what ``tfds.data_source(name, split=...,
+decoders={"image": tfds.decode.SkipDecoding()})`` returns (``SkipDecoding`` works with data sources: the
+image feature's ``decode_example_np`` passes the bytes through), but the builder is always made from the
+dataset's files (``dataset_info.json``, ``features.json``), never from TFDS's code: so a name TFDS has never
+heard of works, and ``imagenet2012`` is found at whatever version it was prepared (TFDS's code builder looks
+only for its own latest version). The split sources pickle (grain's spawned workers receive them) and open
+their files again in the worker.
+
+``imagenet2012`` must be prepared once from the manual download (TFDS cannot fetch ImageNet): put
+``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` in ``<data_dir>/downloads/manual`` (or any dir
+given as ``manual_dir``) and run ``resflax prepare-data --dataset imagenet2012`` (``prepare`` below), which
+needs TensorFlow (the ``prepare`` extra) that one time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from resflax.data.cifar10 import candidate_dirs
+from resflax.errors import DataError
+
+IMAGENET = "imagenet2012"
+TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+SPLITS = ("train", "validation")
+FEATURES = ("image", "label")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageNetSource:
+    name: str
+    data_dir: str  # the candidate data_dir it was found in
+    version: str
+    num_classes: int
+    class_names: list[str]
+    train: Any  # indexable, pickles: {"image": encoded bytes, "label": int, ...}
+    validation: Any
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """TFDS logs a WARNING for every dir it looks into that lacks the dataset: noise, not news."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _how_to_prepare(name: str) -> str:
+    if name == IMAGENET:
+        return (f"prepare it once: put {' and '.join(TARS)} in <data_dir>/downloads/manual, then `resflax "
+                "prepare-data --dataset imagenet2012` (needs `pip install 'resflax[prepare]'`)")
+    return "write the small real-photo dataset with `resflax make-tiny-imagenet --out DIR`, or prepare it with TFDS"
+
+
+def _source(builder, name: str, data_dir: str) -> ImageNetSource:
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy: imported when needed)
+
+    info = builder.info
+    where = f"{name} in {builder.data_dir}"
+    if "array_record" not in {f.value for f in info.available_file_formats()}:
+        raise DataError(f"{where} is stored as {info.file_format.value if info.file_format else '?'}, not "
+                        f"ArrayRecord (random access): prepare it again with file_format='array_record' into "
+                        f"another data_dir ({_how_to_prepare(name)})")
+    missing = [s for s in SPLITS if s not in info.splits] + [f for f in FEATURES if f not in info.features]
+    if missing:
+        raise DataError(f"{where} lacks the splits/features {', '.join(missing)} (need splits {', '.join(SPLITS)} "
+                        f"and features {', '.join(FEATURES)})")
+    train, validation = (builder.as_data_source(split=s, decoders={"image": tfds.decode.SkipDecoding()})
+                         for s in SPLITS)
+    label = info.features["label"]
+    return ImageNetSource(name=name, data_dir=data_dir, version=str(info.version), num_classes=int(label.num_classes),
+                          class_names=list(label.names), train=train, validation=validation)
+
+
+def open_source(name: str = IMAGENET, data_dir: str | None = None) -> ImageNetSource:
+    """The first candidate data_dir (``data_dir``, ``$TFDS_DATA_DIR``, ``~/tensorflow_datasets``) holding
+    ``name`` in ArrayRecord format, with its latest version there; ``DataError`` if none does."""
+    from tensorflow_datasets.core import read_only_builder, registered  # noqa: PLC0415
+
+    tried, unusable = candidate_dirs(data_dir), []
+    for d in tried:
+        try:
+            with quiet_tfds():
+                builder = read_only_builder.builder_from_files(name, data_dir=d)
+        except registered.DatasetNotFoundError:
+            continue
+        try:
+            return _source(builder, name, d)
+        except DataError as e:  # a later candidate may hold a usable copy
+            unusable.append(str(e))
+    if unusable:
+        raise DataError("; ".join(unusable))
+    raise DataError(f"{name} (TFDS ArrayRecord with train and validation splits) not found in: {', '.join(tried)}; "
+                    + _how_to_prepare(name))
+
+
+def prepare(data_dir: str | None = None, manual_dir: str | None = None) -> str:
+    """Prepares ``imagenet2012`` as ArrayRecord from the manual download (TensorFlow needed this once) into the
+    first candidate data_dir, unless a candidate already holds it; returns that data_dir."""
+    with contextlib.suppress(DataError):
+        return open_source(IMAGENET, data_dir).data_dir
+    target = candidate_dirs(data_dir)[0]
+    manual = Path(manual_dir).expanduser() if manual_dir else Path(target) / "downloads" / "manual"
+    problems = []  # all of them in one line, so that one attempt shows everything to fix
+    if missing := [t for t in TARS if not (manual / t).is_file()]:
+        problems.append(f"{' and '.join(missing)} not found in {manual}: download them from image-net.org "
+                        "(ILSVRC2012) and put them there, or pass --manual_dir DIR")
+    if importlib.util.find_spec("tensorflow") is None:
+        problems.append("preparing imagenet2012 needs TensorFlow once: `pip install 'resflax[prepare]'`")
+    if problems:
+        raise DataError("; ".join(problems))
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    try:
+        tfds.builder(IMAGENET, data_dir=target).download_and_prepare(
+            file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    except Exception as e:  # noqa: BLE001
+        why = str(e).splitlines()[0] if str(e) else repr(e)
+        raise DataError(f"could not prepare imagenet2012 into {target}: {why}") from e
+    return open_source(IMAGENET, target).data_dir
