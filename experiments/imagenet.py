@@ -74,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.draft = True  # let libjpeg downscale in the DCT domain when the target is <= half the stored size
     c.resample = "bilinear"  # or "bicubic"
     c.mean = "pixel"  # "pixel": per-pixel mean image of training crops (cached); "channel": per-channel mean
+    # resflax eval --protocol=multiscale: shorter sides of the fully-convolutional test (the paper's five)
+    c.multiscale_scales = (112, 128, 192, 240, 320) if tiny else (224, 256, 384, 480, 640)
     c.mean_images = 10_000  # training images averaged for the per-pixel mean
     c.mean_cache_dir = ml_collections.config_dict.placeholder(str)  # None: $XDG_CACHE_HOME/resflax or ~/.cache/resflax
     c.loader_workers = 0 if tiny else -1  # grain worker processes per host; -1: one per core but one (<= 32)

@@ -117,3 +117,19 @@ def test_eval_without_a_checkpoint_logs_no_warning(trained, tmp_path, capfd, cap
     extra = [r.getMessage() for r in caplog.records
              if r.levelno >= logging.WARNING and "non-existing/tfds" not in r.getMessage()]
     assert extra == []
+
+
+def test_eval_protocols_and_record_on_cifar(trained, capfd, no_data):
+    w, _ = trained
+    before = (w / "metrics.jsonl").read_text()
+    rc, out, err = _eval(capfd, "--workdir", str(w), "--protocol", "10crop")
+    assert rc == 2 and "for ImageNet-style runs" in err and len(err.strip().splitlines()) == 1
+    assert (w / "metrics.jsonl").read_text() == before  # nothing written without --record
+    rc, out, _ = _eval(capfd, "--workdir", str(w), "--record", "--json")
+    r = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and r["protocol"] == "center"
+    after = (w / "metrics.jsonl").read_text()
+    assert after.startswith(before)
+    line = json.loads(after[len(before):])
+    assert line == {"step": 6, "event": "eval", "protocol": "center", "error": r["test_error"], "top5_error": None,
+                    "count": 64}

@@ -90,6 +90,26 @@ def test_tiny_imagenet_trains_end_to_end(reference):
 
 
 @pytest.mark.slow
+def test_eval_protocols_through_the_cli(reference, tmp_path):
+    """resflax eval --protocol 10crop|multiscale --record on the tiny run: one JSON line each, appended to
+    metrics.jsonl (the run's copy; nothing else changes)."""
+    import shutil  # noqa: PLC0415
+
+    w = tmp_path / "run"
+    shutil.copytree(reference[1], w)
+    for protocol in ("10crop", "multiscale"):
+        ev = subprocess.run([sys.executable, "-m", "resflax.cli", "eval", f"--workdir={w}", "--json", "--record",
+                             f"--protocol={protocol}"], capture_output=True, text=True, env=rh.env(tmp_path / "cc"),
+                            cwd=ROOT, timeout=300)
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        res = json.loads(ev.stdout.strip().splitlines()[-1])
+        assert res["protocol"] == protocol and res["test_examples"] == 16 and res["step"] == 12
+        last = json.loads((w / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last == {"step": 12, "event": "eval", "protocol": protocol, "error": res["test_error"],
+                        "top5_error": res["test_top5_error"], "count": 16}
+
+
+@pytest.mark.slow
 def test_kill9_mid_epoch_resumes_bit_exactly_with_another_worker_count(reference, tiny_data, tmp_path,
                                                                         tmp_path_factory):
     """Killed after the mid-epoch checkpoint of step 6 (epoch 1.5), rerun: the same final digest and the same

@@ -3,7 +3,8 @@
     resflax summary [MODEL ...] [--json]        parameters and multiply-adds beside the paper's
     resflax train --config=experiments/cifar10.py:resnet20 --workdir=DIR [--config.KEY=VALUE ...] [--start_over]
                                                 (resflax train --help lists every config key)
-    resflax eval --workdir=DIR [--json]         test error of the latest checkpoint, with a state digest
+    resflax eval --workdir=DIR [--protocol=center|10crop|multiscale] [--record] [--json]
+                                                test error of the latest checkpoint, with a state digest
     resflax prepare-data [--data_dir=DIR]       download and prepare CIFAR-10 (ArrayRecord) once
     resflax prepare-data --dataset imagenet2012 [--manual_dir=DIR]   ImageNet from the manual download's tars
     resflax make-tiny-imagenet --out DIR [--name N] [--num_classes C] [--train_per_class K] [--val_per_class K]
@@ -164,18 +165,26 @@ def cmd_eval(argv: list[str]) -> int:
     ap.add_argument("--data_dir", default=None,
                     help="TFDS data_dir holding cifar10 (default: the run's, then $TFDS_DATA_DIR, "
                          "~/tensorflow_datasets)")
+    ap.add_argument("--protocol", choices=("center", "10crop", "multiscale"), default="center",
+                    help="ImageNet-style runs: centre 224 crop of the 256 resize (default), the standard 10-crop "
+                         "(softmax averaged), or fully-convolutional multi-scale (shorter side 224..640, mirrors)")
+    ap.add_argument("--record", action="store_true",
+                    help="append the result to the run's metrics.jsonl as an {\"event\": \"eval\"} line (the only "
+                         "write eval ever makes)")
     ap.add_argument("--json", action="store_true",
-                    help="print one JSON object (workdir, model, step, test_error, test_loss, test_examples, "
-                         "state_digest, skipped_damaged)")
+                    help="print one JSON object (workdir, model, step, protocol, test_error, test_top5_error, "
+                         "test_examples, state_digest, skipped_damaged)")
     args = ap.parse_args(argv)
     from resflax.train.evaluate import evaluate_workdir  # noqa: PLC0415
 
-    r = evaluate_workdir(args.workdir, args.data_dir)
+    r = evaluate_workdir(args.workdir, args.data_dir, protocol=args.protocol, record=args.record)
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{r['model']} step {r['step']}: test error {r['test_error']:.2f}% on {r['test_examples']} images "
-              f"(state_digest {r['state_digest']})")
+        top5 = f", top-5 {r['test_top5_error']:.2f}%" if "test_top5_error" in r else ""
+        how = f" ({r['protocol']})" if r["protocol"] != "center" else ""
+        print(f"{r['model']} step {r['step']}: test error {r['test_error']:.2f}%{top5}{how} on "
+              f"{r['test_examples']} images (state_digest {r['state_digest']})")
     return 0
 
 

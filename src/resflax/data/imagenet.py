@@ -273,3 +273,36 @@ def load_or_compute_mean(cache_path: str | os.PathLike, images: Callable[[], Ite
         Path(tmp).unlink(missing_ok=True)
         raise
     return mean
+
+
+# ---- test protocols (the paper's Sec. 3.4) -------------------------------------------------------------
+
+MULTISCALE = (224, 256, 384, 480, 640)
+
+
+def ten_crop_boxes(width: int, height: int, resize: int, size: int) -> list[jpeg.Box]:
+    """The standard 10-crop's five windows (top-left, top-right, bottom-left, bottom-right, centre) of the
+    image resized to shorter side ``resize``, in stored pixels; each is also taken mirrored."""
+    rw, rh = jpeg.resized_size(width, height, resize)
+    ct, cl = int(round((rh - size) / 2)), int(round((rw - size) / 2))
+    corners = [(0, 0), (0, rw - size), (rh - size, 0), (rh - size, rw - size), (ct, cl)]
+    return [(left * width / rw, top * height / rh, (left + size) * width / rw, (top + size) * height / rh)
+            for top, left in corners]
+
+
+def ten_crops(data: bytes, cfg: Preprocess = DEFAULT) -> np.ndarray:
+    """uint8 (10, size, size, 3): the five windows of ``ten_crop_boxes`` (shorter side ``eval_resize``), then
+    the same five mirrored."""
+    boxes = ten_crop_boxes(*jpeg.image_size(data), cfg.eval_resize, cfg.size)
+    return np.stack([jpeg.decode_box(data, b, (cfg.size, cfg.size), mirror=m, draft=cfg.draft,
+                                     resample=cfg.resample) for m in (False, True) for b in boxes])
+
+
+def full_image(data: bytes, short_side: int, multiple: int = 32, cfg: Preprocess = DEFAULT) -> np.ndarray:
+    """The whole image for fully-convolutional testing: shorter side ``short_side``, the longer side rounded
+    to a multiple of ``multiple`` (an aspect change below 1/2 a multiple, i.e. at most 16 px of 640: it
+    keeps the number of distinct shapes, and so of compilations, small). uint8 (H, W, 3)."""
+    width, height = jpeg.image_size(data)
+    rw, rh = jpeg.resized_size(width, height, short_side)
+    rw, rh = (max(multiple, multiple * round(v / multiple)) if v != short_side else v for v in (rw, rh))
+    return jpeg.decode_box(data, (0, 0, width, height), (rw, rh), draft=cfg.draft, resample=cfg.resample)

@@ -55,21 +55,47 @@ def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None
     return config, p, restored[0]
 
 
-def evaluate_workdir(workdir: str | Path, data_dir: str | None = None) -> dict[str, Any]:
+def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, protocol: str = "center",
+                     record: bool = False) -> dict[str, Any]:
+    """Test error of the latest good checkpoint with a test ``protocol`` (``center``; ImageNet-style runs
+    also ``10crop`` and ``multiscale``, see ``train.protocols``). ``record`` appends the result as one
+    ``{"event": "eval", ...}`` line to the run's metrics.jsonl (the only write; off by default)."""
+    from resflax.train import protocols  # noqa: PLC0415
+
+    if protocol not in protocols.PROTOCOLS:
+        raise BadInput(f"protocol must be one of {', '.join(protocols.PROTOCOLS)}, got {protocol!r}")
     config = load_config(workdir)
     if data_dir:
         config.data_dir = data_dir
+    if protocol != "center" and tasks.is_cifar(config):
+        raise BadInput(f"protocol {protocol} is for ImageNet-style runs; CIFAR-10 is tested on whole images (center)")
     skipped: list[int] = []
     config, p, state = restore(workdir, config, skipped=skipped)
     task = tasks.create(config, p, lambda *a, **k: None)
     try:
-        tx = state_lib.make_optimizer(state.params, config.momentum, config.weight_decay, config.weight_decay_on)
-        task.build(p.model, tx, p.step_cfg)
-        r = task.evaluate(state, splits=("test",))["test"]
+        if protocol == "center":
+            tx = state_lib.make_optimizer(state.params, config.momentum, config.weight_decay, config.weight_decay_on)
+            task.build(p.model, tx, p.step_cfg)
+            r = task.evaluate(state, splits=("test",))["test"]
+        else:
+            host = to_host({"params": state.params, "batch_stats": state.batch_stats})
+            scales = tuple(config.get("multiscale_scales") or protocols.imagenet.MULTISCALE)
+            q = protocols.run(protocol, p.model, host, task.test, task.mean_host, task.cfg, scales=scales)
+            r = {"error": q["top1_error"], "top5_error": q["top5_error"], "count": q["count"]}
     finally:
         task.close()
-    out = {"workdir": str(workdir), "model": config.model, "step": int(to_host(state.step)),
-           "test_error": r["error"], "test_loss": r["loss"], "test_examples": r["count"]}
+    step = int(to_host(state.step))
+    out = {"workdir": str(workdir), "model": config.model, "step": step, "protocol": protocol,
+           "test_error": r["error"]}
+    if "loss" in r:
+        out["test_loss"] = r["loss"]
+    out["test_examples"] = r["count"]
     if "top5_error" in r:
         out["test_top5_error"] = r["top5_error"]
-    return {**out, "state_digest": state_lib.state_digest(to_host(state)), "skipped_damaged": skipped}
+    out = {**out, "state_digest": state_lib.state_digest(to_host(state)), "skipped_damaged": skipped}
+    if record and jax.process_index() == 0:
+        line = {"step": step, "event": "eval", "protocol": protocol, "error": out["test_error"],
+                "top5_error": out.get("test_top5_error"), "count": out["test_examples"]}
+        with open(Path(workdir) / "metrics.jsonl", "a") as f:  # one append: safe beside a training writer
+            f.write(json.dumps(line) + "\n")
+    return out

@@ -16,7 +16,8 @@ from resflax.errors import WorkdirError, WriteError
 RESUMABLE_KEYS = frozenset(
     {"data_dir", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress", "eval_every_steps",
      "eval_batch_size", "num_steps", "distributed", "coordinator_address", "num_processes", "process_id",
-     "preemption_check_every_steps", "peer_timeout_s", "loader_workers", "loader_threads", "mean_cache_dir"}
+     "preemption_check_every_steps", "peer_timeout_s", "loader_workers", "loader_threads", "mean_cache_dir",
+     "multiscale_scales"}
 )
 
 
