@@ -1,0 +1,191 @@
+"""Weights in and out in PyTorch's layouts: torchvision/timm ImageNet ResNets and VGGs, and the CIFAR ResNets of
+akamaster/pytorch_resnet_cifar10. Pure numpy both ways, so that a round trip is bit-exact.
+
+Layouts (``../shared/IMAGENET.md``'s traps, each handled here):
+
+- conv weights OIHW <-> Flax HWIO; FC weights (out, in) <-> (in, out); BatchNorm ``weight``/``bias``/
+  ``running_mean``/``running_var`` <-> ``scale``/``bias`` and ``batch_stats`` ``mean``/``var`` (PyTorch's
+  running variance is used as stored: both frameworks normalise by it in eval mode); ``num_batches_tracked``
+  is dropped on import and written as 0 on export.
+- torchvision/timm ResNets are **v1.5** (stride on the bottleneck's 3x3): the model must be built with
+  ``stride_on_3x3=True``. The stem and max-pool padding already equal PyTorch's ((3, 3) and (1, 1), -inf).
+- torchvision's VGG flattens its 7x7x512 features in CHW order, resflax in HWC: ``classifier.0`` is permuted.
+- akamaster's CIFAR ResNets: keys prefixed ``module.``, ``linear`` for the FC, option-A shortcuts with the
+  zero channels split on both sides (``pad_layout="split"``).
+
+Files: ``.safetensors`` are read and written with ``safetensors.numpy`` (no pickle, no torch). PyTorch
+pickles (``.pth``/``.th``/``.pt``) are read only through ``torch.load(..., weights_only=True)``, PyTorch's
+restricted unpickler that refuses to run code; it needs the ``torch`` extra, otherwise convert the file to
+safetensors first. ``{"state_dict": ...}`` wrappers (akamaster's ``.th``) are unwrapped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from flax import traverse_util
+
+from resflax.errors import BadInput, DataError
+
+LAYOUTS = ("torchvision", "cifar")
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """A state dict as numpy arrays from a ``.safetensors`` file or (with torch installed) a PyTorch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        raise DataError(f"{path} is a PyTorch pickle: reading it safely needs torch (`pip install 'resflax[torch]'`), "
+                        "or convert it to .safetensors first") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)  # restricted: never runs code
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path} could not be read as weights only ({str(e).splitlines()[0]})") from e
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+
+
+def write_state_dict(state: dict[str, np.ndarray], path: str | Path) -> None:
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    # (np.ascontiguousarray would make 0-d arrays, e.g. num_batches_tracked, 1-d)
+    save_file({k: np.require(v, requirements="C") for k, v in state.items()}, str(path))
+
+
+# ---- the name maps: resflax path -> (torch key, kind) ------------------------------------------------------
+
+
+def _bn(ours: str, theirs: str) -> list[tuple[str, str, str]]:
+    return [(f"params/{ours}/scale", f"{theirs}.weight", "vec"), (f"params/{ours}/bias", f"{theirs}.bias", "vec"),
+            (f"batch_stats/{ours}/mean", f"{theirs}.running_mean", "vec"),
+            (f"batch_stats/{ours}/var", f"{theirs}.running_var", "vec")]
+
+
+def _resnet_map(model, layout: str) -> list[tuple[str, str, str]]:
+    pre = "module." if layout == "cifar" else ""
+    out = [("params/stem_conv/kernel", f"{pre}conv1.weight", "conv"), *_bn("stem_bn", f"{pre}bn1")]
+    convs = 3 if model.block == "bottleneck" else 2
+    for i, n in enumerate(model.stage_sizes):
+        for j in range(n):
+            ours, theirs = f"stage{i + 1}/block{j}", f"{pre}layer{i + 1}.{j}"
+            for k in range(1, convs + 1):
+                out += [(f"params/{ours}/conv{k}/kernel", f"{theirs}.conv{k}.weight", "conv"),
+                        *_bn(f"{ours}/bn{k}", f"{theirs}.bn{k}")]
+            out.append((f"params/{ours}/shortcut/conv/kernel", f"{theirs}.downsample.0.weight", "conv"))
+            out += _bn(f"{ours}/shortcut/bn", f"{theirs}.downsample.1")
+    fc = f"{pre}linear" if layout == "cifar" else "fc"
+    return out + [("params/fc/kernel", f"{fc}.weight", "fc"), ("params/fc/bias", f"{fc}.bias", "vec")]
+
+
+def _vgg_map(model) -> list[tuple[str, str, str]]:
+    from resflax.models.vgg import CONFIGS  # noqa: PLC0415
+
+    out, idx, k = [], 0, 0
+    for n in CONFIGS[model.depth]:
+        for _ in range(n):
+            out += [(f"params/conv{k}/kernel", f"features.{idx}.weight", "conv"),
+                    (f"params/conv{k}/bias", f"features.{idx}.bias", "vec")]
+            idx, k = idx + 2, k + 1  # conv, ReLU
+        idx += 1  # max-pool
+    for j, t in enumerate((0, 3, 6)):  # Linear, ReLU, Dropout, ...
+        out += [(f"params/fc{j}/kernel", f"classifier.{t}.weight", "fc_chw" if j == 0 else "fc"),
+                (f"params/fc{j}/bias", f"classifier.{t}.bias", "vec")]
+    return out
+
+
+def name_map(model, layout: str) -> list[tuple[str, str, str]]:
+    """``(resflax path, torch key, kind)`` for every parameter and BN statistic of ``model`` that exists in it
+    (shortcut projections only where the model has them)."""
+    if layout not in LAYOUTS:
+        raise BadInput(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if hasattr(model, "depth"):  # VGG
+        if layout != "torchvision":
+            raise BadInput("VGG weights use the torchvision layout")
+        return _vgg_map(model)
+    return _resnet_map(model, layout)
+
+
+def _to_flax(a: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "conv":
+        return a.transpose(2, 3, 1, 0)
+    if kind == "fc":
+        return a.T
+    if kind == "fc_chw":  # (out, C*7*7) in CHW order -> (7*7*C in HWC order, out)
+        o = a.shape[0]
+        return a.reshape(o, -1, 7, 7).transpose(0, 2, 3, 1).reshape(o, -1).T
+    return a
+
+
+def _to_torch(a: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "conv":
+        return a.transpose(3, 2, 0, 1)
+    if kind == "fc":
+        return a.T
+    if kind == "fc_chw":
+        o = a.shape[1]
+        return a.T.reshape(o, 7, 7, -1).transpose(0, 3, 1, 2).reshape(o, -1)
+    return a
+
+
+def from_torch(state: dict[str, np.ndarray], model, abstract_variables: dict, layout: str) -> dict:
+    """resflax variables (``{"params", "batch_stats"}``) from a PyTorch state dict, checked key by key and
+    shape by shape against ``abstract_variables`` (``jax.eval_shape`` of ``model.init``)."""
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    target = traverse_util.flatten_dict(abstract_variables, sep="/")
+    mapping = [m for m in name_map(model, layout) if m[0] in target]
+    unmapped = sorted(set(target) - {m[0] for m in mapping})
+    if unmapped:
+        raise BadInput(f"resflax {unmapped[0]} has no {layout} counterpart ({len(unmapped)} such)")
+    missing = [t for _, t, _ in mapping if t not in state]
+    extra = sorted(set(state) - {t for _, t, _ in mapping})
+    if missing or extra:
+        parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in (("missing", missing),
+                                                                            ("unexpected", extra)) if keys]
+        raise BadInput(f"the weights do not fit this model ({', '.join(parts)}): another depth, shortcut "
+                       "option or layout?")
+    flat = {}
+    for ours, theirs, kind in mapping:
+        a = _to_flax(np.asarray(state[theirs], np.float32), kind)
+        if a.shape != tuple(target[ours].shape):
+            raise BadInput(f"{theirs} has shape {state[theirs].shape}, this model needs {target[ours].shape} "
+                           f"at {ours} (number of classes, depth or width differ)")
+        flat[ours] = a
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def to_torch(variables: dict, model, layout: str) -> dict[str, np.ndarray]:
+    """A PyTorch state dict (numpy arrays) of ``variables`` in ``layout``; BN layers get ``num_batches_tracked``."""
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    out = {}
+    for ours, theirs, kind in name_map(model, layout):
+        if ours in flat:
+            out[theirs] = np.ascontiguousarray(_to_torch(np.asarray(flat[ours], np.float32), kind))
+    for key in list(out):
+        if key.endswith(".running_var"):
+            out[re.sub(r"running_var$", "num_batches_tracked", key)] = np.zeros((), np.int64)
+    return out
+
+
+def check_variant(state: dict[str, np.ndarray], model, layout: str) -> None:
+    """Refuses what can be detected: torchvision/timm bottleneck weights are v1.5 (stride on the 3x3), so the
+    model must say ``stride_on_3x3=True``; akamaster's option A splits its zero channels."""
+    if layout == "torchvision" and getattr(model, "block", None) == "bottleneck" and not model.stride_on_3x3:
+        raise BadInput("torchvision/timm ResNet weights are v1.5 (stride on the 3x3 conv): build the model with "
+                       "stride_on_3x3=True; with the paper's v1 they load silently and compute other activations")
+    if layout == "cifar" and getattr(model, "shortcut", "A") == "A" and model.pad_layout != "split":
+        raise BadInput("akamaster's CIFAR ResNets pad option A's zero channels on both sides: use pad_layout='split'")

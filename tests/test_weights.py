@@ -1,0 +1,112 @@
+"""Weights in and out with exact parity: PyTorch networks in torchvision's and akamaster's layouts
+(``torch_nets``, randomly initialised, eval mode) imported into resflax give the same logits on real
+photographs; resflax weights exported load into PyTorch with ``strict=True`` and give them back; import ->
+export -> import is bit-exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data as skdata
+from PIL import Image
+
+from resflax import weights
+from resflax.errors import BadInput, DataError
+from resflax.models import get_model
+
+torch = pytest.importorskip("torch")
+torch_nets = pytest.importorskip("torch_nets")
+
+MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _photos(size: int) -> np.ndarray:
+    """Real photographs, normalised as torchvision's weights expect: NHWC float32."""
+    ims = [skdata.coffee(), skdata.chelsea(), skdata.astronaut()]
+    x = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR)) for im in ims])
+    return (x.astype(np.float32) / 255 - MEAN) / STD
+
+
+def _torch_logits(net, x):
+    with torch.no_grad():
+        return net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def _state(net):
+    return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+
+
+CASES = {
+    "resnet18": (lambda: torch_nets.ResNet(torch_nets.Basic, (2, 2, 2, 2)), dict(), "torchvision", 224),
+    "resnet50": (lambda: torch_nets.ResNet(torch_nets.Bottleneck, (3, 4, 6, 3)), dict(stride_on_3x3=True),
+                 "torchvision", 224),
+    "vgg16": (lambda: torch_nets.VGG(), dict(), "torchvision", 224),
+    "resnet20": (lambda: torch_nets.DataParallelLike(torch_nets.CifarResNet(3)), dict(pad_layout="split"), "cifar",
+                 32),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_import_gives_pytorchs_logits_and_export_gives_them_back(name):
+    make, overrides, layout, size = CASES[name]
+    torch.manual_seed(0)
+    net = torch_nets.randomize_bn(make())
+    x = _photos(size)
+    want = _torch_logits(net, x)
+    model = get_model(name, impl="flax", **overrides) if name != "vgg16" else get_model(name)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
+    state = _state(net)
+    weights.check_variant(state, model, layout)
+    variables = weights.from_torch(state, model, abstract, layout)
+    got = np.asarray(model.apply(variables, x, train=False))
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+    # out: PyTorch loads the export strictly and computes the same logits; round trip bit-exact
+    out = weights.to_torch(variables, model, layout)
+    net2 = torch_nets.randomize_bn(make(), seed=1)
+    net2.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in out.items()}, strict=True)
+    np.testing.assert_array_equal(_torch_logits(net2, x), want)
+    again = weights.from_torch(out, model, abstract, layout)
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mismatches_are_refused(tmp_path):
+    torch.manual_seed(0)
+    state = _state(torch_nets.ResNet(torch_nets.Bottleneck, (3, 4, 6, 3)))
+    v1 = get_model("resnet50")
+    with pytest.raises(BadInput, match="v1.5"):
+        weights.check_variant(state, v1, "torchvision")
+    r101 = get_model("resnet101", stride_on_3x3=True)
+    abstract = jax.eval_shape(lambda: r101.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    with pytest.raises(BadInput, match="missing"):
+        weights.from_torch(state, r101, abstract, "torchvision")
+    r50 = get_model("resnet50", stride_on_3x3=True, num_classes=10)
+    abstract = jax.eval_shape(lambda: r50.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    with pytest.raises(BadInput, match="shape"):
+        weights.from_torch(state, r50, abstract, "torchvision")
+    with pytest.raises(BadInput, match="split"):
+        weights.check_variant({}, get_model("resnet20"), "cifar")
+
+
+def test_files_safetensors_and_restricted_pickles(tmp_path):
+    torch.manual_seed(0)
+    net = torch_nets.DataParallelLike(torch_nets.CifarResNet(3))
+    state = _state(net)
+    weights.write_state_dict(state, tmp_path / "w.safetensors")
+    back = weights.read_state_dict(tmp_path / "w.safetensors")
+    assert sorted(back) == sorted(state) and all(np.array_equal(back[k], state[k]) for k in state)
+    # akamaster's .th: {"state_dict": ..., "best_prec1": ...}, read with the restricted unpickler
+    torch.save({"state_dict": net.state_dict(), "best_prec1": 91.2}, tmp_path / "model.th")
+    th = weights.read_state_dict(tmp_path / "model.th")
+    assert sorted(th) == sorted(state)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(DataError, match="weights only"):
+        weights.read_state_dict(tmp_path / "evil.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    with pytest.raises(DataError, match="not a readable safetensors"):
+        weights.read_state_dict(tmp_path / "bad.safetensors")
