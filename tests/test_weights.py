@@ -110,3 +110,53 @@ def test_files_safetensors_and_restricted_pickles(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     with pytest.raises(DataError, match="not a readable safetensors"):
         weights.read_state_dict(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.slow
+def test_import_eval_predict_export_and_fine_tune_through_the_cli(tmp_path, capsys):
+    """The README's four commands (import -> eval -> predict -> export), then `resflax train --workdir` fine-tunes
+    the imported run with the settings the import recorded (torchvision's normalisation, v1.5, option B)."""
+    import json  # noqa: PLC0415
+
+    from resflax import cli  # noqa: PLC0415
+    from resflax.data import tiny_imagenet  # noqa: PLC0415
+
+    data = tiny_imagenet.write_tiny_dataset(str(tmp_path / "data"))
+    torch.manual_seed(0)
+    net = torch_nets.randomize_bn(torch_nets.ResNet(torch_nets.Basic, (2, 2, 2, 2), num_classes=4))
+    weights.write_state_dict(_state(net), tmp_path / "r18.safetensors")
+    w = tmp_path / "run"
+    common = ["--config=experiments/imagenet.py:tiny", f"--config.data_dir={data}",
+              f"--config.mean_cache_dir={tmp_path / 'cache'}", "--config.num_steps=2", "--config.progress=False"]
+    assert cli.main(["import", str(tmp_path / "r18.safetensors"), f"--workdir={w}", *common]) == 0
+    cfg = json.loads((w / "config.json").read_text())
+    assert (cfg["mean"], cfg["std"], cfg["stride_on_3x3"], cfg["shortcut"]) == ("channel", [0.229, 0.224, 0.225],
+                                                                                True, "B")
+    capsys.readouterr()
+    # eval: the imported logits, with torchvision's preprocessing, on the 16 validation images
+    assert cli.main(["eval", f"--workdir={w}", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from resflax.data import imagenet, imagenet_source  # noqa: PLC0415
+
+    src = imagenet_source.open_source(tiny_imagenet.NAME, data)
+
+    crops = np.stack([imagenet.eval_crop(src.validation[i]["image"], imagenet.Preprocess(size=112, eval_resize=128))
+                      for i in range(16)])
+    x = (crops.astype(np.float32) / 255 - MEAN) / STD
+    want = _torch_logits(net, x).argmax(-1)
+    labels = np.array([src.validation[i]["label"] for i in range(16)])
+    assert res["step"] == 0 and res["test_error"] == pytest.approx(100 * np.mean(want != labels))
+    # predict: top-5 (here all 4) classes with their names
+    Image.fromarray(skdata.coffee()).save(tmp_path / "coffee.jpg")
+    assert cli.main(["predict", f"--workdir={w}", str(tmp_path / "coffee.jpg"), "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {t["name"] for t in pred["top"]} == {"coffee", "cat", "rocket", "astronaut"}
+    assert sum(t["probability"] for t in pred["top"]) == pytest.approx(1.0, abs=1e-5)
+    # export: the same tensors back
+    assert cli.main(["export", f"--workdir={w}", f"--out={tmp_path / 'out.safetensors'}"]) == 0
+    a, b = weights.read_state_dict(tmp_path / "r18.safetensors"), weights.read_state_dict(tmp_path / "out.safetensors")
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a if "num_batches" not in k)
+    # fine-tune: train continues the imported run from step 0 with its own config.json
+    assert cli.main(["train", f"--workdir={w}"]) == 0
+    assert "final test error" in capsys.readouterr().out
+    assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())[-1] == 2

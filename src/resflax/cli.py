@@ -2,6 +2,7 @@
 
     resflax summary [MODEL ...] [--json]        parameters and multiply-adds beside the paper's
     resflax train --config=experiments/cifar10.py:resnet20 --workdir=DIR [--config.KEY=VALUE ...] [--start_over]
+    resflax train --workdir=DIR                 continue a run (or fine-tune imported weights) with its config.json
                                                 (resflax train --help lists every config key)
     resflax eval --workdir=DIR [--protocol=center|10crop|multiscale] [--record] [--json]
                                                 test error of the latest checkpoint, with a state digest
@@ -9,6 +10,9 @@
     resflax prepare-data --dataset imagenet2012 [--manual_dir=DIR]   ImageNet from the manual download's tars
     resflax make-tiny-imagenet --out DIR [--name N] [--num_classes C] [--train_per_class K] [--val_per_class K]
                                                 a small real-photo ImageNet-like dataset (for imagenet.py:tiny)
+    resflax import SOURCE --model NAME --workdir DIR   PyTorch weights (.safetensors / .pth) as a new run
+    resflax export --workdir DIR --out FILE.safetensors  a run's weights in torchvision's / akamaster's names
+    resflax predict --workdir DIR IMAGE...       top-5 classes of your own images
     resflax report RUN_DIR... --out DIR          Fig. 6 curves and the Table 6 markdown from runs
     resflax responses --workdir DIR [DIR...]     Fig. 7: std of each 3x3 layer's response (PNG + CSV)
 
@@ -29,6 +33,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from resflax.errors import INTERNAL_ERROR, BadInput, ResflaxError
 
@@ -116,34 +121,58 @@ def _train_help(argv: list[str]) -> int:
     return 0
 
 
-def cmd_train(argv: list[str]) -> int:
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
-        return _train_help(argv)
+def _parse_config(prog: str, argv: list[str], define) -> tuple[Any, list[str]]:
+    """absl flags with an ml-collections ``--config`` file (and ``--config.KEY=VALUE`` overrides) plus the
+    flags ``define(fl)`` adds; returns (flag values, positional arguments). Bad flags or a config that does
+    not load raise ``BadInput`` with one line."""
     from absl import flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
     fl = flags.FlagValues()
-    full_argv = ["resflax train", *argv]
+    full_argv = [prog, *argv]
     # sys_argv: the --config.KEY overrides are read from this argv, not from sys.argv, so that
     # main(["train", ..., "--config.batch_size=16"]) works from Python.
     config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]", lock_config=True, flag_values=fl,
                                     sys_argv=full_argv)
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)", flag_values=fl)
-    flags.DEFINE_bool("start_over", False, "move an existing run in workdir aside and start fresh", flag_values=fl)
+    define(fl)
     try:
-        fl(full_argv)
-        config = fl.config
-        if config is not None:
-            config.to_dict()  # a config file that failed to load raises on first use
+        rest = fl(full_argv)
+        if fl.config is not None:
+            fl.config.to_dict()  # a config file that failed to load raises on first use
     except flags.Error as e:
-        return _fail(str(e).splitlines()[0])
+        raise BadInput(str(e).splitlines()[0]) from None
     except OSError as e:  # the config file is missing or unreadable: name it
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        return _fail(f"bad config: {next((ln for ln in lines if 'Errno' in ln), lines[0] if lines else e)}")
+        raise BadInput(f"bad config: {next((ln for ln in lines if 'Errno' in ln), lines[0] if lines else e)}") from None
     except (ValueError, KeyError, AttributeError, TypeError) as e:
-        return _fail(f"bad config: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise BadInput(f"bad config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return fl, rest[1:]
+
+
+def cmd_train(argv: list[str]) -> int:
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
+        return _train_help(argv)
+    from absl import flags  # noqa: PLC0415
+
+    def define(fl):
+        flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)", flag_values=fl)
+        flags.DEFINE_bool("start_over", False, "move an existing run in workdir aside and start fresh",
+                          flag_values=fl)
+
+    try:
+        fl, rest = _parse_config("resflax train", argv, define)
+    except BadInput as e:
+        return _fail(str(e))
+    config = fl.config
+    if rest:
+        return _fail(f"unexpected arguments: {' '.join(rest)}")
+    if config is None and fl.workdir and (Path(fl.workdir) / "config.json").exists():
+        from resflax.train.evaluate import load_config  # noqa: PLC0415
+
+        config = load_config(fl.workdir)  # continue the run (e.g. imported weights) with its own settings
+        print(f"settings from {Path(fl.workdir) / 'config.json'}")
     if config is None or fl.workdir is None:
-        return _fail("--config and --workdir are required")
+        return _fail("--config and --workdir are required (--config may be left out to continue a run)")
     from resflax.train.loop import train_and_evaluate  # noqa: PLC0415
 
     result = train_and_evaluate(config, fl.workdir, start_over=fl.start_over)
@@ -185,6 +214,87 @@ def cmd_eval(argv: list[str]) -> int:
         how = f" ({r['protocol']})" if r["protocol"] != "center" else ""
         print(f"{r['model']} step {r['step']}: test error {r['test_error']:.2f}%{top5}{how} on "
               f"{r['test_examples']} images (state_digest {r['state_digest']})")
+    return 0
+
+
+def _model_config(argv: list[str]) -> list[str]:
+    """``--model NAME`` without ``--config``: the experiment file of the model's family, with NAME."""
+    if any(a.startswith("--config=") or a == "--config" for a in argv):
+        return [a for a in argv if not a.startswith("--model")]
+    model, out, it = None, [], iter(argv)
+    for a in it:
+        if a.startswith("--model="):
+            model = a.split("=", 1)[1]
+        elif a == "--model":
+            model = next(it, None)
+        else:
+            out.append(a)
+    if not model:
+        raise BadInput("give --model NAME (or --config=experiments/FILE.py:NAME)")
+    from resflax.models import model_spec  # noqa: PLC0415
+
+    family = "cifar10" if model_spec(model)["stem"] == "cifar" else "imagenet"
+    path = Path("experiments") / f"{family}.py"
+    if not path.exists():
+        raise BadInput(f"{path} not found: run from the resflax checkout, or give --config=PATH:{model}")
+    return [f"--config={path}:{model}", *out]
+
+
+def cmd_import(argv: list[str]) -> int:
+    from absl import flags  # noqa: PLC0415
+
+    def define(fl):
+        flags.DEFINE_string("workdir", None, "new run directory to write", flag_values=fl)
+        flags.DEFINE_enum("layout", None, ["torchvision", "cifar"], "weight names: torchvision/timm ImageNet "
+                          "models (default for ImageNet configs) or akamaster's CIFAR ResNets", flag_values=fl)
+
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: resflax import SOURCE (--model NAME | --config=FILE:NAME) --workdir DIR [--layout L] "
+              "[--config.KEY=VALUE ...]\n\nSOURCE: .safetensors, or a PyTorch .pth/.th read with "
+              "torch.load(weights_only=True) (torch extra). Writes config.json and checkpoint 0: `resflax eval` "
+              "and `resflax train` (fine-tuning) use it like any run.")
+        return 0
+    fl, rest = _parse_config("resflax import", _model_config(argv), define)
+    if len(rest) != 1 or not fl.workdir:
+        raise BadInput("usage: resflax import SOURCE --model NAME --workdir DIR")
+    from resflax.train.transfer import import_weights  # noqa: PLC0415
+
+    r = import_weights(rest[0], fl.config, fl.workdir, fl.layout)
+    print(f"imported {r['tensors']} tensors ({r['layout']} layout) as {r['model']} into {r['workdir']} "
+          f"(state_digest {r['state_digest'][:16]})")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    ap = ArgumentParser(prog="resflax export", description="a run's latest checkpoint as a PyTorch state dict "
+                        "(.safetensors) that torchvision's models, or akamaster's CIFAR ResNets, load strictly")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", required=True, help="FILE.safetensors")
+    ap.add_argument("--layout", choices=("torchvision", "cifar"), default=None,
+                    help="default: cifar for CIFAR runs, torchvision for ImageNet ones")
+    args = ap.parse_args(argv)
+    from resflax.train.transfer import export_weights  # noqa: PLC0415
+
+    r = export_weights(args.workdir, args.out, args.layout)
+    print(f"wrote {r['tensors']} tensors of step {r['step']} ({r['layout']} layout) to {r['out']}")
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    ap = ArgumentParser(prog="resflax predict", description="top-5 classes of image files by a run's latest checkpoint")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per image")
+    args = ap.parse_args(argv)
+    from resflax.train.transfer import predict  # noqa: PLC0415
+
+    for r in predict(args.workdir, args.images):
+        if args.json:
+            print(json.dumps(r))
+            continue
+        print(r["image"])
+        for t in r["top"]:
+            print(f"  {100 * t['probability']:6.2f}%  {t['name']} ({t['class']})")
     return 0
 
 
@@ -248,6 +358,9 @@ COMMANDS = {
     "eval": cmd_eval,
     "prepare-data": cmd_prepare,
     "make-tiny-imagenet": cmd_make_tiny,
+    "import": cmd_import,
+    "export": cmd_export,
+    "predict": cmd_predict,
     "report": cmd_report,
     "responses": cmd_responses,
 }

@@ -29,13 +29,27 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(f.read_text()))
 
 
+def _saved_num_classes(workdir: str | Path) -> int | None:
+    steps = sorted((int(d.name) for d in (Path(workdir) / "checkpoints").glob("*") if d.name.isdigit()), reverse=True)
+    for step in steps:
+        try:
+            meta = json.loads((Path(workdir) / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("num_classes"):
+            return int(meta["num_classes"])
+    return None
+
+
 def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None, num_devices: int = 0,
-            skipped: list[int] | None = None):
+            skipped: list[int] | None = None, locate_data: bool = True):
     """(config, plan, state) of the latest good checkpoint in ``workdir``, read-only; the steps of damaged
     checkpoints passed over are appended to ``skipped``."""
     config = config or load_config(workdir)
     config.num_devices = num_devices
-    p = loop.plan(config)
+    if not locate_data and "num_classes" in config and not config.num_classes:
+        config.num_classes = _saved_num_classes(workdir)  # the dataset's, recorded with the checkpoints
+    p = loop.plan(config, locate_data)
     tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
                               weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
     # shapes only (no eager initialisation: restoring needs the tree, not its values)
@@ -80,7 +94,8 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, protocol:
         else:
             host = to_host({"params": state.params, "batch_stats": state.batch_stats})
             scales = tuple(config.get("multiscale_scales") or protocols.imagenet.MULTISCALE)
-            q = protocols.run(protocol, p.model, host, task.test, task.mean_host, task.cfg, scales=scales)
+            q = protocols.run(protocol, p.model, host, task.test, task.mean_host, task.cfg, scales=scales,
+                              std=task.std_host)
             r = {"error": q["top1_error"], "top5_error": q["top5_error"], "count": q["count"]}
     finally:
         task.close()

@@ -46,17 +46,18 @@ class Plan:
     data_dir: str
 
 
-def plan(config: ml_collections.ConfigDict) -> Plan:
-    """Validates the config and derives the run's plan; raises ``BadInput``/``DataError`` on bad input."""
+def plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
+    """Validates the config and derives the run's plan; raises ``BadInput``/``DataError`` on bad input.
+    ``locate_data=False`` (weights in/out) builds the model without looking for the dataset."""
     try:
-        return _plan(config)
+        return _plan(config, locate_data)
     except (ValueError, TypeError, KeyError) as e:  # validation of the config's values and the model's fields
         if isinstance(e, BadInput):
             raise
         raise BadInput(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 
-def _plan(config: ml_collections.ConfigDict) -> Plan:
+def _plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
     if config.dtype == "float16":
         raise BadInput("dtype float16 needs loss scaling, which resflax does not implement; use bfloat16 (float32 "
                        "range, no scaling needed) or float32")
@@ -78,7 +79,10 @@ def _plan(config: ml_collections.ConfigDict) -> Plan:
         if config.scan_min_blocks < 0:
             raise BadInput(f"scan_min_blocks must be >= 0 (0: never scan), got {config.scan_min_blocks}")
         overrides["scan_min_blocks"] = config.scan_min_blocks or None
-    data_dir, num_classes = tasks.locate(config)
+    if locate_data:
+        data_dir, num_classes = tasks.locate(config)
+    else:
+        data_dir, num_classes = config.data_dir, config.get("num_classes")
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     # settings of the ResNet family that a model without them (VGG) ignores
@@ -278,7 +282,8 @@ def _run_task(config, cfg_dict, p: Plan, path: Path, pre: _Preemption, task, cha
             raise DivergenceError(f"non-finite parameters at step {step}; last good checkpoint kept")
         ckpt.save(step, s, {"config": cfg_dict, "step": step, "state_digest": state_lib.state_digest(host),
                             "devices": int(p.mesh.size), "processes": jax.process_count(),
-                            "input": task.input_state(step)}, host_state=host)
+                            "input": task.input_state(step), "num_classes": int(p.model.num_classes)},
+                  host_state=host)
         saved[0] = step
 
     pending: list[tuple[int, Any]] = []

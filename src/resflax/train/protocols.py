@@ -30,10 +30,12 @@ from resflax.data import imagenet
 PROTOCOLS = ("center", "10crop", "multiscale")
 
 
-def _probs_fn(model):
+def _probs_fn(model, std):
     @jax.jit
     def probs(variables, images_u8, mean):
         x = images_u8.astype(jnp.float32) * (1 / 255) - mean
+        if std is not None:
+            x = x / std
         return jax.nn.softmax(model.apply(variables, x, train=False).astype(jnp.float32), axis=-1)
 
     return probs
@@ -54,16 +56,17 @@ def _ordered(fn, items: Sequence, workers: int) -> Iterator:
 
 def run(protocol: str, model, variables, source, mean: np.ndarray, cfg: imagenet.Preprocess,
         scales: Sequence[int] = imagenet.MULTISCALE, batch_images: int = 25, workers: int | None = None,
-        keep_probs: bool = False) -> dict:
+        keep_probs: bool = False, std: np.ndarray | None = None) -> dict:
     """Top-1/top-5 error (%) of ``protocol`` over every image of ``source`` (``{"image": bytes, "label"}``),
     this process's share (``p, p + P, ...``) summed over processes. ``variables`` are host arrays;
-    ``mean`` is the run's (per-pixel (H, W, 3) or per-channel (3,)). ``keep_probs``: also return this
+    ``mean`` is the run's (per-pixel (H, W, 3) or per-channel (3,)), ``std`` its per-channel divisor if any
+    (imported weights' normalisation). ``keep_probs``: also return this
     process's averaged scores by image index (for tests)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     device = jax.local_devices()[0]
     variables = jax.device_put(variables, device)
-    probs_fn = _probs_fn(model)
+    probs_fn = _probs_fn(model, None if std is None else np.asarray(std, np.float32))
     workers = workers or min(8, os.cpu_count() or 1)
     indices = list(range(jax.process_index(), len(source), jax.process_count()))
     errors = np.zeros(2, np.float64)

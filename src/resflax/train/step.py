@@ -118,10 +118,11 @@ def _sgd_update(model, tx, cfg: StepConfig, state: TrainState, x, y, lr_fn) -> t
     return new_state, {"loss": loss, "error": error, "lr": lr}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh) -> Callable:
+def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, std=None) -> Callable:
     """Returns ``step(state, images_u8, labels, mean) -> (state, metrics)``, jitted over ``mesh``.
 
-    ``images_u8``/``labels`` are the whole (replicated) training split; ``metrics`` holds ``loss``,
+    ``images_u8``/``labels`` are the whole (replicated) training split; ``std`` (per channel) divides the
+    mean-subtracted input when given (imported weights' normalisation); ``metrics`` holds ``loss``,
     ``error`` (fraction of the batch misclassified) and ``lr`` as device scalars.
     """
     ndev = mesh.shape[AXIS]
@@ -137,6 +138,8 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, me
         positions = state.step * cfg.batch_size + d * local + jnp.arange(local)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(rng_aug, positions)
         x = augment.train_augment(images[lidx], mean, keys)
+        if std is not None:  # imported weights' normalisation; the padding stays 0 (the mean colour)
+            x = x / std
         y = labels[lidx]
 
         def lr_fn(state):

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resflax.data import augment
 from resflax.errors import BadInput, DataError
 from resflax.train import schedules
 from resflax.train import step as step_lib
@@ -71,6 +72,9 @@ def validate(config, model) -> None:
     preprocess(config)  # its own checks
     if config.mean not in ("pixel", "channel"):
         raise BadInput(f"mean must be 'pixel' or 'channel', got {config.mean!r}")
+    std = config.get("std")
+    if std is not None and (len(std) != 3 or min(std) <= 0):
+        raise BadInput(f"std must be three positive numbers (per channel) or None, got {std!r}")
     if config.lr_schedule not in ("fixed", "plateau"):
         raise BadInput(f"lr_schedule must be 'fixed' or 'plateau', got {config.lr_schedule!r}")
     if config.lr_schedule == "plateau" and not config.val_examples:
@@ -129,10 +133,16 @@ class CifarTask:
 
     def build(self, model, tx, step_cfg) -> None:
         d = self.data
-        self.train_x, self.train_y, self.mean = step_lib.replicate((d.train.images, d.train.labels, d.mean),
-                                                                   self.mesh)
-        self._train = step_lib.make_train_step(model, tx, step_cfg, self.mesh)
-        self._eval = step_lib.make_eval_step(model, self.mesh)
+        mean = d.mean
+        std = np.asarray(self.config.std, np.float32) if self.config.get("std") else None
+        if self.config.get("mean", "pixel") == "channel":  # imported weights' normalisation
+            from resflax.data.imagenet import CHANNEL_MEAN  # noqa: PLC0415
+
+            mean = np.broadcast_to(np.asarray(CHANNEL_MEAN, np.float32), d.mean.shape).copy()
+        self.train_x, self.train_y, self.mean = step_lib.replicate((d.train.images, d.train.labels, mean), self.mesh)
+        self._train = step_lib.make_train_step(model, tx, step_cfg, self.mesh, std=std)
+        normalize = augment.normalize if std is None else (lambda im, m: augment.normalize(im, m) / std)
+        self._eval = step_lib.make_eval_step(model, self.mesh, normalize)
 
     def start(self, step: int, saved_input: dict | None) -> None:
         pass  # the batch of a step is drawn inside the step from (seed, step)
@@ -229,6 +239,9 @@ class ImageNetTask:
         else:
             self.mean_host = imagenet.channel_mean()
             how = f"per-channel {tuple(imagenet.CHANNEL_MEAN)}"
+        self.std_host = np.asarray(config.std, np.float32) if config.get("std") else None
+        if self.std_host is not None:
+            how += f", divided by the per-channel std {tuple(float(v) for v in self.std_host)}"
         say(f"{src.name} {src.version} from {src.data_dir}: {len(train)} train / {len(self.test)} validation"
             + (f" / {len(self.val)} held out" if self.val is not None else "")
             + f", {src.num_classes} classes; mean {how}")
@@ -255,12 +268,15 @@ class ImageNetTask:
         lr_fn = functools.partial(schedules.linear_warmup_lr, base_lr=step_cfg.base_lr, boundaries=boundaries,
                                   factor=step_cfg.factor, warmup_steps=warmup)
 
+        std = self.std_host  # imported weights' normalisation (e.g. torchvision's); None: the paper's
+
         def finish(images, mean, lighting):
-            return imagenet.finish_batch(images, mean, lighting, xp=jnp)
+            x = imagenet.finish_batch(images, mean, lighting, xp=jnp)
+            return x if std is None else x / std
 
         self._train = step_lib.make_batch_train_step(model, tx, step_cfg, self.mesh, lr_fn, finish)
-        self._eval = step_lib.make_eval_step(
-            model, self.mesh, lambda images, mean: imagenet.finish_batch(images, mean, None, xp=jnp), top5=True)
+        self._eval = step_lib.make_eval_step(model, self.mesh, lambda images, mean: finish(images, mean, None),
+                                             top5=True)
         self.mean = step_lib.replicate(self.mean_host, self.mesh)
         self._sharded = NamedSharding(self.mesh, P(step_lib.AXIS))
 

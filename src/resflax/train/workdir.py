@@ -82,8 +82,16 @@ def _parse(line: str) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
+# Keys added to the configs after runs were made: a config.json without one means its value here.
+ADDED_KEYS = {"mean": "pixel", "std": None}
+
+
 def identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+    out = {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+    for k, default in ADDED_KEYS.items():
+        if out.get(k, default) == default:
+            out.pop(k, None)
+    return out
 
 
 def check_experiment(workdir: Path, config: dict[str, Any]) -> None:

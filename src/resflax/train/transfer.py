@@ -1,0 +1,169 @@
+"""Weights between resflax runs and PyTorch files: ``import_weights`` makes a workdir (``config.json`` and an
+Orbax checkpoint at step 0) that ``resflax eval`` evaluates and ``resflax train`` fine-tunes like any other
+run; ``export_weights`` writes a run's latest checkpoint as ``.safetensors`` in torchvision's or akamaster's
+names; ``predict`` gives the top-5 classes of image files. The layouts are ``resflax.weights``'.
+
+The input preprocessing travels with the weights: an import records in the run's config the normalisation
+the weights were trained with (torchvision/timm and akamaster: per-channel mean (0.485, 0.456, 0.406) and std
+(0.229, 0.224, 0.225) on RGB in [0, 1]), and every later command of the run uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resflax import weights
+from resflax.errors import BadInput, DataError, WorkdirError
+from resflax.train import evaluate, loop, tasks
+from resflax.train import state as state_lib
+from resflax.train import step as step_lib
+from resflax.train import workdir as wd
+from resflax.train.checkpoint import Checkpointer
+from resflax.train.distributed import to_host
+
+TORCH_STD = (0.229, 0.224, 0.225)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+
+
+def _settings(config: ml_collections.ConfigDict, layout: str) -> dict[str, Any]:
+    """The config settings the layout's weights need."""
+    if layout == "torchvision":
+        out = {"mean": "channel", "std": TORCH_STD}
+        if not config.model.startswith("vgg"):
+            out.update(stride_on_3x3=True, shortcut="B")  # v1.5 bottlenecks; projections where shapes change
+        return out
+    return {"pad_layout": "split", "mean": "channel", "std": TORCH_STD}  # akamaster
+
+
+def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdir: str | Path,
+                   layout: str | None = None, say=print) -> dict[str, Any]:
+    """Writes the weights of ``source`` into a new run in ``workdir`` (refused if it holds a run)."""
+    layout = layout or ("cifar" if tasks.is_cifar(config) else "torchvision")
+    state_dict = weights.read_state_dict(source)
+    settings = _settings(config, layout)
+    with config.unlocked():
+        for k, v in settings.items():
+            config[k] = v
+    say("settings for these weights: " + ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+    try:  # the dataset, when it is here, gives the number of classes (and is checked now, not later)
+        p = loop.plan(config)
+    except DataError:
+        p = loop.plan(config, locate_data=False)
+    weights.check_variant(state_dict, p.model, layout)
+    tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
+                              weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
+    shape = tasks.image_shape(config)
+    abstract = jax.eval_shape(lambda: p.model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+    variables = weights.from_torch(state_dict, p.model, abstract, layout)
+    init = state_lib.init_state(p.model, tx_fn, config.seed, shape, config.warmup)
+    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+    stats = jax.tree_util.tree_map(jnp.asarray, variables.get("batch_stats", {}))
+    state = init.replace(params=params, batch_stats=stats, opt_state=tx_fn(params).init(params))
+    path = wd.prepare(workdir)
+    lock = wd.Lock(path)
+    lock.acquire()
+    try:
+        if (path / "config.json").exists() or (path / "checkpoints").exists():
+            raise WorkdirError(f"workdir {path} already holds a run; import into a new directory")
+        cfg = json.loads(config.to_json())
+        wd.write_json_atomic(path / "config.json", cfg)
+        host = to_host(step_lib.replicate(state, p.mesh))
+        ckpt = Checkpointer(path, keep=config.keep_checkpoints)
+        ckpt.save(0, step_lib.replicate(state, p.mesh),
+                  {"config": cfg, "step": 0, "state_digest": state_lib.state_digest(host), "devices": int(p.mesh.size),
+                   "processes": 1, "num_classes": int(p.model.num_classes),
+                   "imported_from": Path(source).name, "layout": layout}, host_state=host)
+        ckpt.close()
+    finally:
+        lock.release()
+    return {"workdir": str(path), "model": config.model, "layout": layout, "tensors": len(state_dict),
+            "state_digest": state_lib.state_digest(host)}
+
+
+def export_weights(workdir: str | Path, out: str | Path, layout: str | None = None) -> dict[str, Any]:
+    """The latest good checkpoint of ``workdir`` as a ``.safetensors`` state dict (read-only on the workdir)."""
+    if Path(out).suffix != ".safetensors":
+        raise BadInput(f"--out must name a .safetensors file, got {out}")
+    config, p, state = evaluate.restore(workdir, locate_data=False)
+    layout = layout or ("cifar" if tasks.is_cifar(config) else "torchvision")
+    weights.check_variant({}, p.model, layout)  # a v1 or append-layout model would load silently and differ
+    host = to_host({"params": state.params, "batch_stats": state.batch_stats})
+    sd = weights.to_torch(host, p.model, layout)
+    weights.write_state_dict(sd, out)
+    return {"workdir": str(workdir), "out": str(out), "layout": layout, "step": int(to_host(state.step)),
+            "tensors": len(sd)}
+
+
+def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[str, Any]]:
+    """Top-``top`` classes (index, name, probability) of each image file, with the run's preprocessing."""
+    from resflax.data import imagenet  # noqa: PLC0415
+
+    config, p, state = evaluate.restore(workdir, locate_data=False)
+    names = _class_names(config)
+    variables = to_host({"params": state.params, "batch_stats": state.batch_stats})
+    if tasks.is_cifar(config):
+        size = 32
+        cfg = None
+    else:
+        cfg = tasks.preprocess(config)
+        size = cfg.size
+    mean = _mean(config, size)
+    std = np.asarray(config.std, np.float32) if config.get("std") else None
+    out = []
+    for f in images:
+        data = Path(f).read_bytes()
+        try:
+            if cfg is None:  # CIFAR: the whole image at 32x32
+                from resflax.data import jpeg  # noqa: PLC0415
+
+                w, h = jpeg.image_size(data)
+                crop = jpeg.decode_box(data, (0, 0, w, h), (32, 32))
+            else:
+                crop = imagenet.eval_crop(data, cfg)
+        except Exception as e:  # noqa: BLE001 (Pillow raises several types for "not an image")
+            raise BadInput(f"{f} is not an image Pillow can read ({str(e).splitlines()[0]})") from e
+        x = crop[None].astype(np.float32) / 255 - mean
+        if std is not None:
+            x = x / std
+        probs = np.asarray(jax.nn.softmax(p.model.apply(variables, x, train=False)[0]))
+        best = np.argsort(-probs, kind="stable")[:top]
+        out.append({"image": str(f), "top": [{"class": int(i), "name": names[i] if names else str(int(i)),
+                                               "probability": float(probs[i])} for i in best]})
+    return out
+
+
+def _mean(config, size: int) -> np.ndarray:
+    if config.get("mean") == "channel":
+        return np.asarray(TORCH_MEAN, np.float32)
+    # the paper's per-pixel mean needs the training data (CIFAR-10's, or the cached ImageNet mean)
+    if tasks.is_cifar(config):
+        from resflax.data import cifar10  # noqa: PLC0415
+
+        return cifar10.load(cifar10.locate(config.data_dir), config.val_examples).mean
+    from resflax.data import imagenet, imagenet_source  # noqa: PLC0415
+
+    src = imagenet_source.open_source(config.dataset, config.data_dir)
+    train = src.train if not config.val_examples else tasks._Slice(src.train, 0, len(src.train) - config.val_examples)
+    cfg = tasks.preprocess(config)
+    path = imagenet.mean_cache_path(tasks._cache_dir(config), f"{src.name}-{tasks._fingerprint(train)}", src.version,
+                                    config.mean_images, cfg)
+    return imagenet.load_or_compute_mean(path, lambda: imagenet.sample_images(train, config.mean_images), cfg)
+
+
+def _class_names(config) -> list[str] | None:
+    try:
+        if tasks.is_cifar(config):
+            return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        from resflax.data import imagenet_source  # noqa: PLC0415
+
+        return imagenet_source.open_source(config.dataset, config.data_dir).class_names or None
+    except Exception:  # noqa: BLE001 (no dataset here: class indices only)
+        return None
