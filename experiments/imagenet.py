@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mean = "pixel"  # "pixel": per-pixel mean image of training crops (cached); "channel": per-channel mean
     # resflax eval --protocol=multiscale: shorter sides of the fully-convolutional test (the paper's five)
     c.multiscale_scales = (112, 128, 192, 240, 320) if tiny else (224, 256, 384, 480, 640)
+    # divide by this per-channel std after subtracting the mean: None (the paper); imported torchvision/timm
+    # weights set (0.229, 0.224, 0.225) with mean="channel" (their normalisation travels with them)
+    c.std = ml_collections.config_dict.placeholder(tuple)
     c.mean_images = 10_000  # training images averaged for the per-pixel mean
     c.mean_cache_dir = ml_collections.config_dict.placeholder(str)  # None: $XDG_CACHE_HOME/resflax or ~/.cache/resflax
     c.loader_workers = 0 if tiny else -1  # grain worker processes per host; -1: one per core but one (<= 32)
