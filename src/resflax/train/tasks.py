@@ -61,6 +61,11 @@ def locate(config) -> tuple[str, int | None]:
 
 def validate(config, model) -> None:
     """Checks the task-specific settings (``BadInput``)."""
+    if config.get("mean", "pixel") not in ("pixel", "channel"):
+        raise BadInput(f"mean must be 'pixel' or 'channel', got {config.mean!r}")
+    std = config.get("std")
+    if std is not None and (len(std) != 3 or min(std) <= 0):
+        raise BadInput(f"std must be three positive numbers (per channel) or None, got {std!r}")
     if is_cifar(config):
         if model.stem != "cifar":
             raise BadInput(f"model {config.model!r} is an ImageNet model; CIFAR-10 needs a CIFAR model")
@@ -70,11 +75,6 @@ def validate(config, model) -> None:
     from resflax.data import imagenet  # noqa: PLC0415
 
     preprocess(config)  # its own checks
-    if config.mean not in ("pixel", "channel"):
-        raise BadInput(f"mean must be 'pixel' or 'channel', got {config.mean!r}")
-    std = config.get("std")
-    if std is not None and (len(std) != 3 or min(std) <= 0):
-        raise BadInput(f"std must be three positive numbers (per channel) or None, got {std!r}")
     if config.lr_schedule not in ("fixed", "plateau"):
         raise BadInput(f"lr_schedule must be 'fixed' or 'plateau', got {config.lr_schedule!r}")
     if config.lr_schedule == "plateau" and not config.val_examples:
