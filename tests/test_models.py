@@ -91,7 +91,7 @@ def test_available_models_are_the_papers():
 
 def test_vgg_forward_and_dropout():
     model = get_model("vgg16", num_classes=5)
-    x = jnp.ones((2, 64, 64, 3))
+    x = jnp.ones((2, 32, 32, 3))
     v = model.init(KEY, x, train=False)
     assert set(v["params"]) == {f"conv{i}" for i in range(13)} | {"fc0", "fc1", "fc2"}
     assert "batch_stats" not in v

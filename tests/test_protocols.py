@@ -28,9 +28,15 @@ def setup(tmp_path_factory):
     return src.validation, model, variables, mean
 
 
+_APPLY = {}
+
+
 def _scores(model, variables, image_u8, mean):
+    """One crop or view through the network (jitted per model; one compilation per shape)."""
+    if model not in _APPLY:
+        _APPLY[model] = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False)[0]))
     x = image_u8[None].astype(np.float32) / 255 - mean
-    return np.asarray(jax.nn.softmax(model.apply(variables, x, train=False)[0]))
+    return np.asarray(_APPLY[model](variables, x))
 
 
 def _reference(protocol, source, model, variables, mean):
