@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import logging
 from pathlib import Path
 from typing import Any
 
 from resflax.data.cifar10 import candidate_dirs
 from resflax.errors import DataError
+from resflax.quiet import quiet_absl
 
 IMAGENET = "imagenet2012"
 TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -45,16 +45,7 @@ class ImageNetSource:
     validation: Any
 
 
-@contextlib.contextmanager
-def quiet_tfds():
-    """TFDS logs a WARNING for every dir it looks into that lacks the dataset: noise, not news."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+quiet_tfds = quiet_absl  # TFDS logs a WARNING for every dir it looks into that lacks the dataset
 
 
 def _how_to_prepare(name: str) -> str:

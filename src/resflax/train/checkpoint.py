@@ -25,7 +25,6 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -38,6 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from resflax.errors import CheckpointError, RestoreError
+from resflax.quiet import quiet_absl
 from resflax.train import distributed
 from resflax.train.state import tree_digest
 
@@ -95,17 +95,6 @@ def classify_restore_error(err: BaseException) -> str:
         if isinstance(e, KeyError) and "not found in the checkpoint" in str(e):
             return "damage"
     return "unknown"
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _barrier(name: str) -> None:
@@ -166,7 +155,7 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                                    cleanup_tmp_directories=False)
             # Orbax warns that a read-only directory is read-only: noise on stderr for every eval
-            with _quiet_absl():
+            with quiet_absl():
                 self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "meta"))
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
