@@ -91,3 +91,18 @@ def test_signal_before_the_first_step_claims_no_checkpoint(tmp_path, capsys, mon
         in printed
     assert "checkpoint written" not in printed
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_run_made_before_mean_and_std_existed_still_resumes(tmp_path):
+    """Configs gained `mean`/`std` (imported weights' normalisation); an older config.json without them, at
+    their defaults, is the same experiment; with another value it is not."""
+    import json  # noqa: PLC0415
+
+    from resflax.errors import WorkdirError  # noqa: PLC0415
+    from resflax.train import workdir as wd  # noqa: PLC0415
+
+    old = {"model": "resnet20", "seed": 0, "num_steps": 64000}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    wd.check_experiment(tmp_path, {**old, "mean": "pixel", "std": None})
+    with pytest.raises(WorkdirError, match="different experiment"):
+        wd.check_experiment(tmp_path, {**old, "mean": "channel", "std": [0.229, 0.224, 0.225]})

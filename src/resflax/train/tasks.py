@@ -72,8 +72,6 @@ def validate(config, model) -> None:
         return
     if model.stem == "cifar":
         raise BadInput(f"model {config.model!r} is a CIFAR model; {config.dataset} needs an ImageNet model")
-    from resflax.data import imagenet  # noqa: PLC0415
-
     preprocess(config)  # its own checks
     if config.lr_schedule not in ("fixed", "plateau"):
         raise BadInput(f"lr_schedule must be 'fixed' or 'plateau', got {config.lr_schedule!r}")
@@ -85,7 +83,6 @@ def validate(config, model) -> None:
         raise BadInput("loader_workers must be >= -1 (-1: automatic), loader_threads and lr_warmup_steps >= 0")
     if config.get("warmup"):
         raise BadInput("warmup (the CIFAR ResNet-110 rule) does not apply to ImageNet; use lr_warmup_steps")
-    del imagenet
 
 
 def peak_lr(config) -> float:
