@@ -50,6 +50,11 @@ def option_a(x: Array, out_channels: int, strides: int, layout: str = "append") 
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), pad))
 
 
+def _gated(gate: Any, shortcut: Array) -> Array:
+    """The shortcut times the gate (exact for a gate of 0 or 1), or unchanged without one."""
+    return shortcut if gate is None else shortcut * jnp.asarray(gate, shortcut.dtype)
+
+
 class Shortcut(nn.Module):
     """The shortcut connection of a residual block.
 
@@ -91,6 +96,7 @@ class BasicBlock(nn.Module):
     zero_init_last_bn: bool = False
     barrier: bool = False  # optimisation barrier on the output (see fastops.barrier); numerically a no-op
     act: Callable = nn.relu  # ReLU implementation (fastops.relu: same values and gradient, cheaper backward)
+    gate: Any = None  # None, or a (traceable) scalar multiplying the shortcut: 1 = residual, 0 = plain
 
     expansion = 1
 
@@ -106,9 +112,9 @@ class BasicBlock(nn.Module):
         y = self.norm(name="bn2", scale_init=last_init)(y, use_running_average=ura)
         self.sow("intermediates", "bn2_out", y)
         if self.residual:
-            y = y + Shortcut(
+            y = y + _gated(self.gate, Shortcut(
                 self.shortcut, self.filters, self.strides, self.conv, self.norm, self.pad_layout, name="shortcut"
-            )(x, train)
+            )(x, train))
         y = self.act(y)
         return _barrier(y) if self.barrier else y
 
@@ -131,6 +137,7 @@ class BottleneckBlock(nn.Module):
     stride_on_3x3: bool = False
     barrier: bool = False
     act: Callable = nn.relu
+    gate: Any = None
 
     expansion = 4
 
@@ -151,9 +158,9 @@ class BottleneckBlock(nn.Module):
         y = self.norm(name="bn3", scale_init=last_init)(y, use_running_average=ura)
         self.sow("intermediates", "bn3_out", y)
         if self.residual:
-            y = y + Shortcut(
+            y = y + _gated(self.gate, Shortcut(
                 self.shortcut, self.filters * 4, self.strides, self.conv, self.norm, self.pad_layout,
                 name="shortcut",
-            )(x, train)
+            )(x, train))
         y = self.act(y)
         return _barrier(y) if self.barrier else y

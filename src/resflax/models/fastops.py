@@ -150,6 +150,10 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
+    # True: the running variance averages the unbiased batch variance (n / (n - 1) times the biased one, n the
+    # elements per channel normalised together), as PyTorch, Caffe and the BN paper's inference rule do;
+    # False (default): the biased one, as ``nn.BatchNorm``. Training itself always normalises with the biased one.
+    unbiased_running_var: bool = False
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
@@ -173,6 +177,11 @@ class BatchNorm(nn.Module):
             y, mean, var = _bn_train(x, scale, bias, self.epsilon, self.axis_name)
             mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
         if not self.is_initializing():
+            if self.unbiased_running_var:
+                n = x.size // features
+                if self.axis_name is not None:
+                    n *= lax.psum(1, self.axis_name)
+                var = var * (n / (n - 1))
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y

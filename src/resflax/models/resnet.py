@@ -172,6 +172,11 @@ class ResNet(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype of the parameters.
       bn_momentum: Flax convention (running = m * running + (1 - m) * batch); PyTorch's 0.1 is Flax's 0.9.
       bn_axis_name: mesh axis over which BN statistics are averaged (synchronised BN), or None.
+      bn_unbiased_var: running variance from the unbiased batch variance (PyTorch, Caffe); needs impl "fast".
+      residual_gate: None (default), or a scalar multiplying every shortcut (1: residual, 0: plain), which may be
+        a traced value: a population (``train.population``) trains plain-n and ResNet-n members of one
+        parameter shape (option A) in one vmapped program. Needs ``residual=True``. Multiplying by 1 or 0
+        and adding is exact, so a member computes what the static ``residual=True``/``False`` network does.
       impl: ``"fast"`` (default): ``fastops.Conv``/``fastops.BatchNorm`` with hand-written gradients;
         ``"flax"``: ``nn.Conv``/``nn.BatchNorm``. Same parameters, same numerics up to float rounding.
       barriers: optimisation barrier after every block, so the backward pass reads stored activations
@@ -199,6 +204,8 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
+    bn_unbiased_var: bool = False
+    residual_gate: Any = None
     impl: str = "fast"
     barriers: bool = False
     scan_min_blocks: int | None = 64
@@ -214,7 +221,14 @@ class ResNet(nn.Module):
             raise ValueError("stage_sizes and widths must have the same length")
         if self.impl not in IMPLS:
             raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
+        if self.residual_gate is not None and not self.residual:
+            raise ValueError("residual_gate needs residual=True (the gate multiplies the shortcut)")
         conv_cls, norm_cls = (fastops.Conv, fastops.BatchNorm) if self.impl == "fast" else (nn.Conv, nn.BatchNorm)
+        norm_extra = {}
+        if self.bn_unbiased_var:
+            if self.impl != "fast":
+                raise ValueError("bn_unbiased_var needs impl='fast' (nn.BatchNorm keeps the biased variance)")
+            norm_extra["unbiased_running_var"] = True
         relu = fastops.relu if self.impl == "fast" else nn.relu
         conv = functools.partial(
             conv_cls, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal
@@ -226,6 +240,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             axis_name=self.bn_axis_name,
+            **norm_extra,
         )
         block_cls = BLOCKS[self.block]
         block_kwargs = dict(
@@ -236,6 +251,8 @@ class ResNet(nn.Module):
             barrier=self.barriers,
             act=relu,
         )
+        if self.residual_gate is not None:
+            block_kwargs["gate"] = self.residual_gate
         if self.block == "bottleneck":
             block_kwargs["stride_on_3x3"] = self.stride_on_3x3
 

@@ -118,17 +118,9 @@ def _sgd_update(model, tx, cfg: StepConfig, state: TrainState, x, y, lr_fn) -> t
     return new_state, {"loss": loss, "error": error, "lr": lr}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, std=None) -> Callable:
-    """Returns ``step(state, images_u8, labels, mean) -> (state, metrics)``, jitted over ``mesh``.
-
-    ``images_u8``/``labels`` are the whole (replicated) training split; ``std`` (per channel) divides the
-    mean-subtracted input when given (imported weights' normalisation); ``metrics`` holds ``loss``,
-    ``error`` (fraction of the batch misclassified) and ``lr`` as device scalars.
-    """
-    ndev = mesh.shape[AXIS]
-    if cfg.batch_size % ndev:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {ndev} devices")
-    local = cfg.batch_size // ndev
+def _cifar_per_device(model, tx, cfg: StepConfig, local: int, std) -> Callable:
+    """One device's part of a CIFAR train step: draws its slice of the batch ``state.step`` from the seed's
+    permutation, augments it and takes the SGD step."""
 
     def per_device(state: TrainState, images, labels, mean):
         rng_data, rng_aug = _keys(state)
@@ -149,8 +141,84 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, me
 
         return _sgd_update(model, tx, cfg, state, x, y, lr_fn)
 
+    return per_device
+
+
+def _local_batch(cfg: StepConfig, mesh) -> int:
+    ndev = mesh.shape[AXIS]
+    if cfg.batch_size % ndev:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {ndev} devices")
+    return cfg.batch_size // ndev
+
+
+def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, std=None) -> Callable:
+    """Returns ``step(state, images_u8, labels, mean) -> (state, metrics)``, jitted over ``mesh``.
+
+    ``images_u8``/``labels`` are the whole (replicated) training split; ``std`` (per channel) divides the
+    mean-subtracted input when given (imported weights' normalisation); ``metrics`` holds ``loss``,
+    ``error`` (fraction of the batch misclassified) and ``lr`` as device scalars.
+    """
+    per_device = _cifar_per_device(model, tx, cfg, _local_batch(cfg, mesh), std)
     sharded = jax.shard_map(
         per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+VECTORIZE = ("vmap", "loop")
+
+
+def make_population_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, num_members: int,
+                               std=None, residual: Sequence[bool] | None = None, vectorize: str = "vmap") -> Callable:
+    """K networks of one parameter shape in one program: ``step(states, alive, images_u8, labels, mean) ->
+    (states, metrics)``.
+
+    ``states`` is a ``TrainState`` whose every leaf has a leading member axis of size K = ``num_members``;
+    each member runs the single run's step (``make_train_step``) on its own state, so its seed gives its own
+    initialisation, data order and augmentation. ``residual`` (one flag per member, or None: all as ``model``)
+    makes members plain or residual networks of the same depth (option A: the same parameters). ``alive``
+    (bool[K]): a member that is not alive keeps its state unchanged (a diverged member stops only itself).
+    ``metrics`` leaves have shape [K].
+
+    ``vectorize="vmap"`` batches the members with ``jax.vmap``: K small convolutions become one grouped one,
+    the fast way on an accelerator; plain and residual members share one network whose shortcuts are
+    multiplied by a per-member gate of 0 or 1 (``ResNet.residual_gate``). ``"loop"`` runs the members one
+    after the other in the same program, each as its own static network with exactly the single run's
+    operations: on the CPU a member then equals its single run bit for bit. vmap's grouped convolutions (and
+    the gate's different fusion) sum in another order: a member agrees with its single run to float rounding
+    after one step, and the runs drift apart the way any two float32 trainings do.
+    """
+    if vectorize not in VECTORIZE:
+        raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}")
+    if residual is not None and len(residual) != num_members:
+        raise ValueError(f"{len(residual)} residual flags for {num_members} members")
+    local = _local_batch(cfg, mesh)
+    mixed = residual is not None and len(set(residual)) > 1
+    if residual is None:
+        models = [model] * num_members
+    else:
+        models = [model.clone(residual=bool(r)) for r in residual]
+
+    def run(m, state, alive_k, images, labels, mean):
+        new, metrics = _cifar_per_device(m, tx, cfg, local, std)(state, images, labels, mean)
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(alive_k, a, b), new, state), metrics
+
+    def per_device(states, alive, images, labels, mean):
+        if vectorize == "vmap":
+            if mixed:
+                gates = jnp.asarray([1.0 if r else 0.0 for r in residual], jnp.float32)
+
+                def member(state, gate, alive_k):
+                    return run(model.clone(residual=True, residual_gate=gate), state, alive_k, images, labels, mean)
+
+                return jax.vmap(member)(states, gates, alive)
+            return jax.vmap(lambda st, al: run(models[0], st, al, images, labels, mean))(states, alive)
+        outs = [run(models[k], jax.tree_util.tree_map(lambda a, k=k: a[k], states), alive[k], images, labels, mean)
+                for k in range(num_members)]
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(),) * 5, out_specs=(P(), P()), check_vma=False
     )
     return jax.jit(sharded, donate_argnums=(0,))
 
