@@ -70,6 +70,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmup_lr = 0.01
     c.warmup_until_error = 0.8
 
+    # Population: several networks of one depth trained in one compiled program (resflax.train.population),
+    # one per (residual flag, seed): e.g. --config.population.seeds=0,1,2,3,4 --config.population.residual=0,1
+    # trains plain-n and ResNet-n (n from `model`) with 5 seeds each. Empty = one network (model, seed).
+    # Each member gets its own run directory WORKDIR/members/<model>-seed<s> (eval, report, responses work on
+    # it, or on WORKDIR for all members). vectorize: "vmap" (fast on GPU/TPU), "loop" (each member exactly its
+    # single run, bit for bit on the CPU), "auto" (loop on the CPU, vmap elsewhere).
+    c.population = ml_collections.ConfigDict()
+    c.population.seeds = ()
+    c.population.residual = ()
+    c.population.vectorize = "auto"
+
     c.bn_sync = False  # True: BN statistics over the global batch (identical for any device count)
     c.num_devices = 0  # devices to use; 0 = all
 

@@ -176,7 +176,16 @@ def cmd_train(argv: list[str]) -> int:
     from resflax.train.loop import train_and_evaluate  # noqa: PLC0415
 
     result = train_and_evaluate(config, fl.workdir, start_over=fl.start_over)
-    if result["test_error"] is not None and result["finished"]:
+    if "members" in result:  # a population: one line per member
+        for m in result["members"]:
+            if m["status"] == "diverged":
+                print(f"{m['name']}: diverged (stopped at step {m['step']}; see {m['dir']}/metrics.jsonl)")
+            elif result["finished"] and m["test_error"] is not None:
+                print(f"{m['name']}: final test error: {m['test_error']:.2f}% (step {m['step']}, "
+                      f"state_digest {m['state_digest'][:16]})")
+        if not result["finished"]:
+            print(f"stopped at step {result['step']} (not finished); rerun the same command to resume")
+    elif result["test_error"] is not None and result["finished"]:
         print(f"final test error: {result['test_error']:.2f}% (step {result['step']}, "
               f"state_digest {result['state_digest'][:16]})")
     else:

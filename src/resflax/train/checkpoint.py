@@ -220,12 +220,15 @@ class Checkpointer:
             raise Damaged("contents differ from the digest written with them")
         return state, meta
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """The newest checkpoint that restores cleanly, as ``(state, meta)``; ``None`` if there is none.
+    def restore_latest(self, abstract_state: Any, max_step: int | None = None) -> tuple[Any, dict] | None:
+        """The newest checkpoint (at most ``max_step``) that restores cleanly, as ``(state, meta)``; ``None`` if
+        there is none.
 
         A damaged checkpoint is set aside (or, read-only, skipped) and the previous one tried; any other
         failure raises ``RestoreError`` with every checkpoint left in place."""
         for step in reversed(self.steps()):
+            if max_step is not None and step > max_step:
+                continue
             try:
                 return self._restore(step, abstract_state)
             except RestoreError:

@@ -144,7 +144,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_ov
     Multi-process (``distributed``/``coordinator_address`` in the config or ``RESFLAX_*`` in the environment):
     every process calls this with the same arguments; process 0 alone takes the workdir lock and writes
     ``config.json``, metrics and messages; all of them write and read the checkpoints together.
+
+    A config naming a population (``population.seeds``/``population.residual``) trains its members together
+    (``train.population``); the result then lists them under ``members``.
     """
+    from resflax.train import population  # noqa: PLC0415
+
+    if population.configured(config):
+        return population.train(config, workdir, start_over)
     distributed.maybe_initialize(config)
     with distributed.PeerWatch(distributed.peer_timeout(config)) as watch:
         try:

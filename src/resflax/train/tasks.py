@@ -128,18 +128,33 @@ class CifarTask:
                       "val": len(data.val) if data.val else 0}
         self.steps_per_epoch = len(data.train) // config.batch_size
 
-    def build(self, model, tx, step_cfg) -> None:
+    def _place(self) -> None:
         d = self.data
         mean = d.mean
-        std = np.asarray(self.config.std, np.float32) if self.config.get("std") else None
+        self.std = np.asarray(self.config.std, np.float32) if self.config.get("std") else None
         if self.config.get("mean", "pixel") == "channel":  # imported weights' normalisation
             from resflax.data.imagenet import CHANNEL_MEAN  # noqa: PLC0415
 
             mean = np.broadcast_to(np.asarray(CHANNEL_MEAN, np.float32), d.mean.shape).copy()
         self.train_x, self.train_y, self.mean = step_lib.replicate((d.train.images, d.train.labels, mean), self.mesh)
-        self._train = step_lib.make_train_step(model, tx, step_cfg, self.mesh, std=std)
+
+    def _eval_step(self, model):
+        std = self.std
         normalize = augment.normalize if std is None else (lambda im, m: augment.normalize(im, m) / std)
-        self._eval = step_lib.make_eval_step(model, self.mesh, normalize)
+        return step_lib.make_eval_step(model, self.mesh, normalize)
+
+    def build(self, model, tx, step_cfg) -> None:
+        self._place()
+        self._train = step_lib.make_train_step(model, tx, step_cfg, self.mesh, std=self.std)
+        self._eval = self._eval_step(model)
+
+    def build_population(self, model, tx, step_cfg, residual, vectorize: str) -> None:
+        """A population's step (``step.make_population_train_step``) and one eval step per member network."""
+        self._place()
+        self._train = step_lib.make_population_train_step(model, tx, step_cfg, self.mesh, len(residual),
+                                                          std=self.std, residual=residual, vectorize=vectorize)
+        evals = {r: self._eval_step(model.clone(residual=r)) for r in set(residual)}
+        self._member_evals = [evals[r] for r in residual]
 
     def start(self, step: int, saved_input: dict | None) -> None:
         pass  # the batch of a step is drawn inside the step from (seed, step)
@@ -147,11 +162,15 @@ class CifarTask:
     def train_step(self, state):
         return self._train(state, self.train_x, self.train_y, self.mean)
 
-    def evaluate(self, state, splits=("test", "val")) -> dict[str, dict]:
+    def population_step(self, states, alive):
+        return self._train(states, alive, self.train_x, self.train_y, self.mean)
+
+    def evaluate(self, state, splits=("test", "val"), member: int | None = None) -> dict[str, dict]:
+        ev = self._eval if member is None else self._member_evals[member]
         out = {}
         for name, split in (("test", self.data.test), ("val", self.data.val)):
             if split is not None and name in splits:
-                out[name] = step_lib.evaluate(self._eval, state, split.images, split.labels, self.mean,
+                out[name] = step_lib.evaluate(ev, state, split.images, split.labels, self.mean,
                                               self.config.eval_batch_size, self.mesh)
         return out
 

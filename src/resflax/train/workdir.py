@@ -83,7 +83,8 @@ def _parse(line: str) -> dict[str, Any] | None:
 
 
 # Keys added to the configs after runs were made: a config.json without one means its value here.
-ADDED_KEYS = {"mean": "pixel", "std": None}
+ADDED_KEYS = {"mean": "pixel", "std": None,
+              "population": {"seeds": [], "residual": [], "vectorize": "auto"}}
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +93,19 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
         if out.get(k, default) == default:
             out.pop(k, None)
     return out
+
+
+def population_members(path: str | Path) -> list[Path] | None:
+    """The member run directories of a population's workdir (``members/*`` in its ``population.json``
+    order), or None when ``path`` is not a population's."""
+    f = Path(path) / "population.json"
+    if not f.exists():
+        return None
+    try:
+        members = json.loads(f.read_text())["members"]
+    except (ValueError, KeyError, TypeError):
+        raise WorkdirError(f"{f} is damaged (not the population's JSON)") from None
+    return [Path(path) / m["dir"] for m in members]
 
 
 def check_experiment(workdir: Path, config: dict[str, Any]) -> None:
