@@ -199,7 +199,8 @@ def cmd_eval(argv: list[str]) -> int:
         description="Test error of the latest good checkpoint of a run, on every test image once. Read-only: "
                     "a damaged checkpoint is skipped (and said so), nothing in the workdir is changed, and it "
                     "can run while training holds the workdir.")
-    ap.add_argument("--workdir", required=True, help="run directory written by `resflax train`")
+    ap.add_argument("--workdir", required=True,
+                    help="run directory written by `resflax train` (a population's: each member, one line each)")
     ap.add_argument("--data_dir", default=None,
                     help="TFDS data_dir holding cifar10 (default: the run's, then $TFDS_DATA_DIR, "
                          "~/tensorflow_datasets)")
@@ -214,14 +215,19 @@ def cmd_eval(argv: list[str]) -> int:
                          "test_examples, state_digest, skipped_damaged)")
     args = ap.parse_args(argv)
     from resflax.train.evaluate import evaluate_workdir  # noqa: PLC0415
+    from resflax.train.workdir import population_members  # noqa: PLC0415
 
-    r = evaluate_workdir(args.workdir, args.data_dir, protocol=args.protocol, record=args.record)
+    members = population_members(args.workdir)
+    results = [evaluate_workdir(w, args.data_dir, protocol=args.protocol, record=args.record)
+               for w in (members if members is not None else [args.workdir])]
     if args.json:
-        print(json.dumps(r))
-    else:
+        print(json.dumps(results if members is not None else results[0]))
+        return 0
+    for r in results:
         top5 = f", top-5 {r['test_top5_error']:.2f}%" if "test_top5_error" in r else ""
         how = f" ({r['protocol']})" if r["protocol"] != "center" else ""
-        print(f"{r['model']} step {r['step']}: test error {r['test_error']:.2f}%{top5}{how} on "
+        who = f"{Path(r['workdir']).name}: " if members is not None else ""
+        print(f"{who}{r['model']} step {r['step']}: test error {r['test_error']:.2f}%{top5}{how} on "
               f"{r['test_examples']} images (state_digest {r['state_digest']})")
     return 0
 

@@ -39,7 +39,8 @@ def cmd_responses(argv: list[str]) -> int:
     ap = ArgumentParser(
         prog="resflax responses",
         description="Fig. 7: std of each 3x3 layer's response (after BN, before ReLU/addition) over the test set")
-    ap.add_argument("--workdir", nargs="+", required=True, metavar="DIR", help="run directories (latest checkpoint)")
+    ap.add_argument("--workdir", nargs="+", required=True, metavar="DIR",
+                    help="run directories (latest checkpoint); a population's directory means its members")
     ap.add_argument("--out", default=None,
                     help="output folder (created): fig7.png, responses.csv, responses.md (default: DIR/responses "
                          "for one run directory, responses/ in the runs' common parent folder for several)")
@@ -51,9 +52,11 @@ def cmd_responses(argv: list[str]) -> int:
         raise BadInput(f"--max_images must be positive, got {args.max_images}")
     if args.batch_size <= 0:
         raise BadInput(f"--batch_size must be positive, got {args.batch_size}")
+    from resflax.train.workdir import population_members  # noqa: PLC0415
+
     cache: dict = {}
     results = []
-    for w in args.workdir:
+    for w in [m for d in args.workdir for m in (population_members(d) or [d])]:  # a population: its members
         r = responses.run_responses(w, args.data_dir, args.max_images, args.batch_size, _cache=cache)
         stds = [s for _, s in r["layers"]]
         print(f"{w}: {r['model']} step {r['step']}, {len(stds)} 3x3 layers over {r['images']} test images, "

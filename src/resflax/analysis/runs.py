@@ -16,6 +16,7 @@ from typing import Any
 
 from resflax.errors import BadInput
 from resflax.train.schedules import scaled_steps
+from resflax.train.workdir import population_members
 
 PAPER_NUM_STEPS, PAPER_BOUNDARIES = 64_000, (32_000, 48_000)
 SHARED_COPY = Path("shared") / "tfds"  # this project's JPEG (quality 75) copy of CIFAR-10
@@ -182,10 +183,14 @@ def data_dir_used(path: Path) -> str | None:
 
 
 def collect_runs(paths: list[str | Path]) -> list[Run]:
-    """Runs named by ``paths``: run directories, or folders whose sub-directories are runs (runs set aside
-    by ``--start_over``, ``*.old-*``, are skipped there)."""
+    """Runs named by ``paths``: run directories, a population's directory (its members), or folders whose
+    sub-directories are runs (runs set aside by ``--start_over``, ``*.old-*``, are skipped there)."""
     runs = []
     for p in map(Path, paths):
+        members = population_members(p)
+        if members is not None:  # a population: each member is a run
+            runs.extend(load_run(d) for d in members)
+            continue
         if (p / "config.json").exists():
             runs.append(load_run(p))
             continue
@@ -193,7 +198,9 @@ def collect_runs(paths: list[str | Path]) -> list[Run]:
             if p.is_dir() else []
         if not subs:
             raise BadInput(f"{p} holds no run (no config.json in it or in its sub-directories)")
-        runs.extend(load_run(d) for d in subs)
+        for d in subs:
+            members = population_members(d)
+            runs.extend(load_run(m) for m in members) if members is not None else runs.append(load_run(d))
     return runs
 
 

@@ -271,6 +271,20 @@ class Checkpointer:
         _barrier(f"resflax-set-aside-{step}")
         self.manager.reload()
 
+    def set_aside_after(self, step: int, why: str) -> list[int]:
+        """Moves the checkpoints newer than ``step`` to ``checkpoints_damaged/<step>-ahead-<time>`` (kept, not
+        deleted), so that training from ``step`` can write those steps again; returns their steps."""
+        ahead = [s for s in self.steps() if s > step]
+        for s in ahead:
+            self.damaged_dir.mkdir(parents=True, exist_ok=True)
+            dst = self.damaged_dir / f"{s}-ahead-{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.move(str(self.dir / str(s)), str(dst))
+            print(f"note: checkpoint {s} in {self.dir} is {why}; moved to {dst}, training goes on from {step}",
+                  flush=True)
+        if ahead:
+            self.manager.reload()
+        return ahead
+
     def close(self) -> None:
         try:
             if not self.read_only:

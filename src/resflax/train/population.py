@@ -206,16 +206,16 @@ class _Run:
             task.close()
 
     def _restore(self, ckpts, abstract, alive: list[bool]):
-        """Each member's state at the newest step every training member has; a stopped (diverged) member at its
-        own newest. None where a member has no checkpoint (then no member may have one to resume from)."""
+        """Each member's state at the newest step every training member has (None: start from the initial
+        state); a stopped (diverged) member's at its own newest. Checkpoints of a training member newer than that
+        step (a stop between two members' saves) are set aside."""
         states: list[Any] = [None] * self.K
         metas: list[dict] = [{}] * self.K
         for k in range(self.K):
-            if not alive[k]:
+            if not alive[k]:  # stays stopped: its last good state, or its initial one if it never saved
                 got = ckpts[k].restore_latest(abstract)
-                if got is None:
-                    raise BadInput(f"member {self.mem[k].name} is marked diverged but has no checkpoint")
-                states[k], metas[k] = got
+                if got is not None:
+                    states[k], metas[k] = got
         live = [k for k in range(self.K) if alive[k]]
         limit = None
         while True:
@@ -225,10 +225,11 @@ class _Run:
             if all(s == common for s in steps.values()):
                 break
             limit = common
-        if common == 0:
-            return None, None
+        for k in live:  # saved after the others when the run stopped: written again, identically, on the way
+            ckpts[k].set_aside_after(common, "ahead of the population's other members")
         for k, g in got.items():
-            states[k], metas[k] = g
+            if g is not None:
+                states[k], metas[k] = g
         return states, metas
 
     def _train(self, task, changes) -> dict[str, Any]:
@@ -259,13 +260,10 @@ class _Run:
         alive = [self.status[m.name]["status"] != "diverged" for m in self.mem]
         if not any(alive):
             raise DivergenceError("every member of this population has diverged; nothing left to train")
-        restored, metas = self._restore(ckpts, abstract, alive)
-        if restored is None:
-            states = stack([step_lib.replicate(s, mesh) for s in inits])
-            start = 0
-        else:
-            states = stack(restored)
-            start = max(int(to_host(s.step)) for k, s in enumerate(restored) if alive[k])
+        restored, _ = self._restore(ckpts, abstract, alive)
+        states = stack([s if s is not None else step_lib.replicate(inits[k], mesh) for k, s in enumerate(restored)])
+        start = max(int(to_host(s.step)) if s is not None else 0 for k, s in enumerate(restored) if alive[k])
+        if start:
             say(f"resumed from step {start}")
         alive_dev = step_lib.replicate(np.asarray(alive), mesh)
         alive_sent = list(alive)
@@ -284,7 +282,7 @@ class _Run:
 
         last_eval: list[dict] = [{} for _ in range(K)]
         saved = [start]
-        warm_logged = [not config.warmup or (restored is not None and not bool(to_host(restored[k].warmup_active)))
+        warm_logged = [not config.warmup or (restored[k] is not None and not bool(to_host(restored[k].warmup_active)))
                        for k in range(K)]
 
         def member_state(k):
