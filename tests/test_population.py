@@ -213,3 +213,26 @@ def test_bad_population_refused_before_writing(tmp_path, change, message):
     with mock(), pytest.raises(BadInput, match=message):
         loop.train_and_evaluate(c, str(tmp_path / "p"))
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("population", ["yes", "no"])
+def test_make_targets_use_populations_when_asked(population):
+    """``make cifar-degradation`` / ``cifar-table6``: one population per depth (and one for the five ResNet-110
+    seeds) with POPULATION=yes (auto: on a GPU/TPU), one run after the other with POPULATION=no (auto: CPU)."""
+    import subprocess  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    out = {t: subprocess.run(["make", "-n", "--no-print-directory", t, f"POPULATION={population}",
+                              "SCHEDULE_SCALE=0.5"], cwd=root, capture_output=True, text=True, check=True).stdout
+           for t in ("cifar-degradation", "cifar-table6")}
+    if population == "yes":
+        assert "for d in 20 32 44 56 110; do" in out["cifar-degradation"]
+        assert ("--config=experiments/cifar10.py:resnet$d,schedule_scale=0.5 --config.population.residual=0,1 "
+                "--workdir=runs/cifar-pop$d-s0.5") in out["cifar-degradation"]
+        assert "--config.population.seeds=0,1,2,3,4 --workdir=runs/cifar-resnet110-seeds-s0.5" in out["cifar-table6"]
+        assert "report runs/cifar-pop20-s0.5 runs/cifar-pop32-s0.5" in out["cifar-degradation"]
+    else:
+        assert "population" not in out["cifar-degradation"] + out["cifar-table6"]
+        assert "runs/cifar-resnet110-seed$s-s0.5" in out["cifar-table6"]
+        assert "report runs/cifar-plain20-s0.5" in out["cifar-degradation"]
