@@ -200,3 +200,23 @@ def test_fig7_overlays_runs(tmp_path):
     rows = read_csv(paths["csv"])
     assert len(rows) == 19 + 55
     assert [r["layer_index"] for r in rows if r["model"] == "resnet56"] == [str(i) for i in range(1, 56)]
+
+
+def test_reference_column(tmp_path):
+    """``--reference``: another implementation's runs (the PyTorch reference) fill a Table 6 column for the
+    same model and schedule only; without it the table keeps its columns."""
+    runs, refs, out = tmp_path / "runs", tmp_path / "refs", tmp_path / "out"
+    write_run(runs, "r20", "resnet20", test={64: 9.0})
+    write_run(runs, "p20", "plain20", test={64: 12.0})
+    for seed, err in ((0, 8.5), (1, 9.5)):
+        d = write_run(refs, f"torch-r20-s{seed}", "resnet20", seed, test={64: err})
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "framework": "pytorch", "device": "cpu"}))
+    write_run(refs, "torch-r20-other-schedule", "resnet20", scale=0.002, test={128: 1.0})
+    assert main(["report", str(runs), "--reference", str(refs), "--out", str(out)]) == 0
+    t = table(out / "table6.md")
+    assert t["ResNet-20"]["reference: test error %"] == "9.00 ± 0.71 (best 8.50, n=2)"
+    assert t["plain-20"]["reference: test error %"] == "–"
+    assert "pytorch on cpu" in (out / "table6.md").read_text()
+    assert main(["report", str(runs), "--out", str(tmp_path / "plain")]) == 0
+    assert "reference: test error %" not in table(tmp_path / "plain" / "table6.md")["ResNet-20"]

@@ -23,9 +23,13 @@ def cmd_report(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="output folder (created): fig6*.png, table6.md, report.md")
     ap.add_argument("--dataset", default=None, help="name the data yourself (default: read from config.json)")
     ap.add_argument("--ymax", type=float, default=None, help="top of the error axis in %% (default: automatic)")
+    ap.add_argument("--reference", nargs="+", default=[], metavar="RUN_DIR",
+                    help="runs of another implementation (benchmarks/torch_train_check.py --workdir): their test "
+                         "error of the same model and schedule becomes a column of Table 6")
     args = ap.parse_args(argv)
     runs = report.collect_runs(args.runs)
-    written = report.write_report(runs, args.out, _command("report", argv), args.dataset, args.ymax)
+    refs = report.collect_runs(args.reference) if args.reference else []
+    written = report.write_report(runs, args.out, _command("report", argv), args.dataset, args.ymax, refs)
     for r in runs:
         err = "none yet" if r.final_test is None else f"{r.final_test:.2f}%"
         print(f"{r.path}: {r.model} seed {r.seed}, {r.progress}, test error {err}")

@@ -36,8 +36,24 @@ def _fmt(x: float | None, sign: bool = False) -> str:
     return "–" if x is None else (f"{x:+.2f}" if sign else f"{x:.2f}")
 
 
-def table6_rows(runs: list[Run]) -> list[dict[str, str]]:
-    """One row per (model, schedule): depth, exact params, paper's error, ours, difference, completion."""
+def _errors(rs: list[Run]) -> tuple[str, list[Run]]:
+    """Final test errors of a group of runs of one setting (mean ± std, best, over seeds; † not final)."""
+    done = [r for r in rs if r.finished]
+    # Final errors come from finished runs; only when none has finished do we show the latest (marked).
+    pool, mark = (done, "") if done else ([r for r in rs if r.final_test is not None], " †")
+    vals = [r.final_test for r in pool]
+    if not vals:
+        return "–", pool
+    if len(vals) == 1:
+        return _fmt(vals[0]) + mark, pool
+    mean, std, best = statistics.mean(vals), statistics.stdev(vals), min(vals)
+    return f"{mean:.2f} ± {std:.2f} (best {best:.2f}, n={len(vals)}){mark}", pool
+
+
+def table6_rows(runs: list[Run], references: list[Run] = ()) -> list[dict[str, str]]:
+    """One row per (model, schedule): depth, exact params, paper's error, ours, difference, completion; with
+    ``references`` (runs of another implementation, e.g. the PyTorch reference) their error of the same model
+    and schedule in a column of its own."""
     from resflax.analysis import counts  # noqa: PLC0415 (imports JAX and the models: only when needed)
     from resflax.models import get_model  # noqa: PLC0415
 
@@ -55,17 +71,14 @@ def table6_rows(runs: list[Run]) -> list[dict[str, str]]:
                               counts.input_shape(model))["params"]
         paper = counts.PAPER.get(model, {}).get("error")
         done = [r for r in rs if r.finished]
-        # Final errors come from finished runs; only when none has finished do we show the latest (marked).
-        pool, mark = (done, "") if done else ([r for r in rs if r.final_test is not None], " †")
+        ours, pool = _errors(rs)
         vals = [r.final_test for r in pool]
         if not vals:
-            ours, diff = "–", "–"
+            diff = "–"
         elif len(vals) == 1:
-            ours, diff = _fmt(vals[0]) + mark, _diff(model, vals[0], None, paper)
+            diff = _diff(model, vals[0], None, paper)
         else:
-            mean, std, best = statistics.mean(vals), statistics.stdev(vals), min(vals)
-            ours = f"{mean:.2f} ± {std:.2f} (best {best:.2f}, n={len(vals)}){mark}"
-            diff = _diff(model, mean, best, paper)
+            diff = _diff(model, statistics.mean(vals), min(vals), paper)
         if len(rs) == len(done):
             fin = "yes" if len(rs) == 1 else f"all {len(rs)}"
         else:
@@ -75,9 +88,13 @@ def table6_rows(runs: list[Run]) -> list[dict[str, str]]:
         paper_s = _fmt(paper) if paper is not None else ("– (curves only)" if fam == "plain" else "–")
         if model == "resnet110":
             paper_s = f"{paper:.2f} best of 5; {PAPER_110_MEAN[0]:.2f} ± {PAPER_110_MEAN[1]:.2f} mean"
-        rows.append({"model": label(model), "depth": str(depth or "–"), "params": f"{params:,}",
-                     "paper error %": paper_s, "ours: test error %": ours, "ours − paper": diff,
-                     "seeds": ",".join(str(r.seed) for r in rs), "schedule": schedule, "finished": fin})
+        row = {"model": label(model), "depth": str(depth or "–"), "params": f"{params:,}",
+               "paper error %": paper_s, "ours: test error %": ours}
+        if references:
+            same = [r for r in references if r.model == model and r.num_steps == rs[0].num_steps]
+            row["reference: test error %"] = _errors(same)[0] if same else "–"
+        rows.append({**row, "ours − paper": diff, "seeds": ",".join(str(r.seed) for r in rs), "schedule": schedule,
+                     "finished": fin})
     return rows
 
 
@@ -99,16 +116,20 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table6_markdown(runs: list[Run], dataset: str) -> str:
-    rows = table6_rows(runs)
+def table6_markdown(runs: list[Run], dataset: str, references: list[Run] = ()) -> str:
+    rows = table6_rows(runs, references)
     notes = [
         f"Data: {dataset}. Test error % of the last evaluation (every test image once); with several seeds "
         "mean ± sample std (n−1) and the best over seeds. Params: exact count of this project's model "
         "(resflax.analysis.counts). Paper: He et al. (2015), Table 6 (164 epochs, 64k iterations).",
         "† not final: no run of this row has finished its schedule; the latest test error is shown.",
     ]
-    if not any("†" in r["ours: test error %"] for r in rows):
+    if not any("†" in r["ours: test error %"] + r.get("reference: test error %", "") for r in rows):
         notes.pop(1)
+    if references:
+        kinds = sorted({f"{r.config.get('framework', 'other')} on {r.config.get('device', '?')}" for r in references})
+        notes.append(f"Reference: the same recipe and data trained by another implementation ({', '.join(kinds)}; "
+                     "benchmarks/torch_train_check.py), same model and schedule, final test error.")
     if mixed := schedules_note(runs):
         notes.append(mixed + ".")
     return "# Table 6 (CIFAR-10 test error)\n\n" + markdown_table(rows) + "\n" + "\n\n".join(notes) + "\n"
@@ -233,7 +254,7 @@ def runs_table(runs: list[Run]) -> str:
 
 
 def write_report(runs: list[Run], out: str | Path, command: str, dataset: str | None = None,
-                 ymax: float | None = None) -> dict[str, Path]:
+                 ymax: float | None = None, references: list[Run] = ()) -> dict[str, Path]:
     """Writes ``fig6*.png``, ``table6.md`` and ``report.md`` into ``out``; returns the paths by name."""
     import time  # noqa: PLC0415
 
@@ -243,7 +264,7 @@ def write_report(runs: list[Run], out: str | Path, command: str, dataset: str | 
     out.mkdir(parents=True, exist_ok=True)
     dataset = dataset or "; ".join(sorted({dataset_name(r.config) for r in runs}))
     figs = plot_fig6(runs, out, ymax)
-    table = table6_markdown(runs, dataset)
+    table = table6_markdown(runs, dataset, references)
     (out / "table6.md").write_text(table)
     unfinished = [r for r in runs if not r.finished]
     parts = [
