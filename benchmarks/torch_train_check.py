@@ -110,7 +110,7 @@ def main() -> None:
         done = step + 1
         if done % 50 == 0 or done == steps:
             emit({"step": done, "split": "train", "error": 100 * float(torch.stack(window).mean()),
-                  "loss": float(loss), "lr": opt.param_groups[0]["lr"], "epoch": done * b / n,
+                  "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "epoch": done * b / n,
                   "img_per_s": done * b / (time.time() - t0)})
             window = []
         if done % eval_every == 0 or done == steps:

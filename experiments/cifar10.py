@@ -77,9 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # it, or on WORKDIR for all members). vectorize: "vmap" (fast on GPU/TPU), "loop" (each member exactly its
     # single run, bit for bit on the CPU), "auto" (loop on the CPU, vmap elsewhere).
     c.population = ml_collections.ConfigDict()
-    c.population.seeds = ()
-    c.population.residual = ()
-    c.population.vectorize = "auto"
+    c.population.seeds = ()  # one member per seed (and per residual flag); () = the config's seed alone
+    c.population.residual = ()  # 0 = plain, 1 = residual, 0,1 = both; () = the model's own kind
+    c.population.vectorize = "auto"  # "loop" (bitwise the single runs on CPU), "vmap" (fast on GPU/TPU), "auto"
 
     c.bn_sync = False  # True: BN statistics over the global batch (identical for any device count)
     c.num_devices = 0  # devices to use; 0 = all

@@ -78,7 +78,7 @@ overridden with --config.KEY=VALUE (a misspelt key is an error).
   --start_over   move an existing run in DIR aside (DIR.old-<time>) and start fresh
 """
 
-_KEY_LINE = re.compile(r"^\s*c\.(\w+)\s*=.*?#\s*(.*)$")
+_KEY_LINE = re.compile(r"^\s*c\.(\w+(?:\.\w+)*)\s*=.*?#\s*(.*)$")
 
 
 def _key_help(path: Path) -> dict[str, str]:
@@ -114,6 +114,13 @@ def _train_help(argv: list[str]) -> int:
             from None
     helps = _key_help(path)
     print(f"config keys of {spec} (default values):")
+    flat = {}
+    for key, value in config.items():  # nested groups (population) as population.seeds, ...
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    config = flat
     width = max((len(k) for k in config), default=0)
     for key, value in config.items():
         note = f"  # {helps[key]}" if key in helps else ""
