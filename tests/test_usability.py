@@ -15,9 +15,14 @@ from resflax.train import loop
 def test_train_help_lists_every_config_key_and_exits_0(capsys):
     assert cli.main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    keys = load_experiment().get_config("resnet20").keys()
-    for key in keys:
-        assert f"--config.{key} " in out, key
+    config = load_experiment().get_config("resnet20")
+    for key in config.keys():
+        if hasattr(config[key], "keys"):  # a group (population): each of its keys, with its comment
+            for sub in config[key].keys():
+                assert f"--config.{key}.{sub} " in out, (key, sub)
+        else:
+            assert f"--config.{key} " in out, key
+    assert "0 = plain, 1 = residual" in out
     assert "--config.eval_every_steps" in out and "0 = once per epoch" in out  # the key's meaning of 0
     assert cli.main(["train", "--config=experiments/cifar10.py:resnet110", "-h"]) == 0
     assert "'resnet110'" in capsys.readouterr().out
