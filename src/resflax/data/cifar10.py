@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from resflax.errors import DataError  # noqa: F401 (raised here; importable from here as before)
+from resflax.quiet import quiet_absl
 
 NAME = "cifar10"
 NUM_CLASSES = 10
@@ -112,15 +113,17 @@ def _decode(source) -> Split:
     images = np.empty((n, 32, 32, 3), np.uint8)
     labels = np.empty((n,), np.int32)
     chunk = 2048
-    for start in range(0, n, chunk):
-        idx = list(range(start, min(n, start + chunk)))
-        try:
-            examples = source.__getitems__(idx)  # batched read: much faster on ArrayRecord
-        except (AttributeError, TypeError):  # sources without it (tfds.testing.mock_data's)
-            examples = [source[i] for i in idx]
-        for i, ex in zip(idx, examples):
-            images[i] = ex["image"]
-            labels[i] = ex["label"]
+    # TFDS warns that OpenCV would decode faster than PIL: resflax does not depend on OpenCV on purpose
+    with quiet_absl():
+        for start in range(0, n, chunk):
+            idx = list(range(start, min(n, start + chunk)))
+            try:
+                examples = source.__getitems__(idx)  # batched read: much faster on ArrayRecord
+            except (AttributeError, TypeError):  # sources without it (tfds.testing.mock_data's)
+                examples = [source[i] for i in idx]
+            for i, ex in zip(idx, examples):
+                images[i] = ex["image"]
+                labels[i] = ex["label"]
     return Split(images, labels)
 
 
