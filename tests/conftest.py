@@ -4,9 +4,29 @@ finished run and ``damage`` are shared by the checkpoint tests."""
 import hashlib
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+_XLA_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the session's in-process runs: the many tests that train the
+    same tiny network compile its step once (the subprocess tests have their own, ``run_helpers.cache_dir``).
+    Keyed by the program and the XLA flags, so a hit runs the same executable: results are unchanged."""
+    import jax  # noqa: PLC0415
+
+    _XLA_CACHE.append(tempfile.mkdtemp(prefix="resflax-test-xla-"))
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    for d in _XLA_CACHE:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
