@@ -174,15 +174,15 @@ def test_failure_to_write_is_exit_2_one_line(tmp_path, capsys, monkeypatch, what
     elif what == "config.json":
         monkeypatch.setattr(wd, "open", _enospc_open("config.json.tmp", "w"), raising=False)
     else:
-        from tensorboardX.event_file_writer import EventsWriter  # noqa: PLC0415
+        from resflax.train import tbevents  # noqa: PLC0415
 
-        orig = EventsWriter.write_event
+        orig = tbevents.EventFile.write
 
-        def write_event(self, event):
-            if event.HasField("summary"):
+        def write(self, payload):
+            if self.path.stat().st_size > 0:  # the file-version record is written, the first scalars fail
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return orig(self, event)
-        monkeypatch.setattr(EventsWriter, "write_event", write_event)
+            return orig(self, payload)
+        monkeypatch.setattr(tbevents.EventFile, "write", write)
     rc, out, err = _cli([*TRAIN, f"--workdir={w}"], capsys)
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("resflax: error: cannot write") and "No space left on device" in err[0], err

@@ -74,18 +74,26 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def _tb_events(logdir):
-    """(step, tag, value) of every scalar in a TensorBoard dir, plus (step, "purge", 0) per restart marker."""
+    """(step, tag, value) of every scalar in a TensorBoard dir, plus (step, "purge", 0) per restart marker;
+    read with tensorboardX's own protocol buffers and CRC (an implementation independent of resflax's writer),
+    checking every record's framing."""
     import struct  # noqa: PLC0415
 
     from tensorboardX.proto.event_pb2 import Event, SessionLog  # noqa: PLC0415
+    from tensorboardX.record_writer import masked_crc32c  # noqa: PLC0415
 
     out = []
     for f in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        data, i = f.read_bytes(), 0
+        data, i, first = f.read_bytes(), 0, True
         while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            ev = Event.FromString(data[i + 12:i + 12 + n])
-            i += 12 + n + 4
+            header, (n,) = data[i:i + 8], struct.unpack("<Q", data[i:i + 8])
+            payload = data[i + 12:i + 12 + n]
+            assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc32c(header), f
+            assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == masked_crc32c(payload), f
+            ev = Event.FromString(payload)
+            assert ev.wall_time > 1.6e9 and (ev.file_version == "brain.Event:2") == first, ev
+            first = False
+            i += 16 + n
             if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
                 out.append((ev.step, "purge", 0.0))
             out.extend((ev.step, v.tag, v.simple_value) for v in ev.summary.value)

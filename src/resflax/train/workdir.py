@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from resflax.errors import WorkdirError, WriteError
+from resflax.train import tbevents
 
 # Config keys that may change between a run and its resumption without making it another experiment.
 RESUMABLE_KEYS = frozenset(
@@ -147,30 +148,20 @@ def set_aside(workdir: Path) -> Path | None:
 
 
 class _TensorBoard:
-    """TensorBoard scalars written synchronously (tensorboardX's event format, without its writer thread, so
-    that a failed write raises here instead of silently killing a thread and then blocking its queue)."""
+    """TensorBoard scalars, written synchronously (``tbevents``: no writer thread, so a failed write raises
+    here instead of silently killing a thread and then blocking its queue)."""
 
     def __init__(self, logdir: Path, purge_step: int | None):
-        from tensorboardX.event_file_writer import EventsWriter  # noqa: PLC0415
-        from tensorboardX.proto.event_pb2 import Event, SessionLog  # noqa: PLC0415
-        from tensorboardX.summary import scalar  # noqa: PLC0415
-
-        self._event, self._scalar = Event, scalar
         self.logdir = logdir
-        logdir.mkdir(parents=True, exist_ok=True)
-        self.writer = EventsWriter(str(logdir / "events"))
-        if purge_step:  # TensorBoard hides the events of this file's earlier runs from this step on
-            self.writer.write_event(Event(wall_time=time.time(), step=purge_step,
-                                          session_log=SessionLog(status=SessionLog.START)))
-        self.writer.flush()
+        self.file = tbevents.EventFile(logdir)
+        if purge_step:  # TensorBoard hides the events of this dir's earlier starts from this step on
+            self.file.write(tbevents.event(time.time(), purge_step, session_start=True))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        for tag, value in values.items():
-            self.writer.write_event(self._event(wall_time=time.time(), step=step, summary=self._scalar(tag, value)))
-        self.writer.flush()
+        self.file.write(tbevents.event(time.time(), step, scalars=values))
 
     def close(self) -> None:
-        self.writer.close()
+        self.file.close()
 
 
 class MetricsWriter:
