@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.dataset = "cifar10"
     c.data_dir = ml_collections.config_dict.placeholder(str)  # else $TFDS_DATA_DIR, ~/tensorflow_datasets
+    c.mean_cache_dir = ml_collections.config_dict.placeholder(str)  # decoded-data cache; None: ~/.cache/resflax
     c.val_examples = a.val_examples  # training images held out as a validation split; 0 = none (train on 50k)
     # input normalisation: "pixel" = the per-pixel training mean (the paper); "channel" = the per-channel mean
     # (0.485, 0.456, 0.406), with std dividing after it (imported akamaster weights set both)

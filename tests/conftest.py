@@ -2,6 +2,7 @@
 finished run and ``damage`` are shared by the checkpoint tests."""
 
 import hashlib
+import os
 import random
 import shutil
 import tempfile
@@ -19,6 +20,10 @@ def pytest_configure(config):
     import jax  # noqa: PLC0415
 
     _XLA_CACHE.append(tempfile.mkdtemp(prefix="resflax-test-xla-"))
+    # resflax's own cache (decoded CIFAR-10, ImageNet means) in a session folder, not the user's ~/.cache;
+    # subprocesses inherit it, so a CLI run after an in-process one reads what that one decoded
+    _XLA_CACHE.append(tempfile.mkdtemp(prefix="resflax-test-cache-"))
+    os.environ["XDG_CACHE_HOME"] = _XLA_CACHE[1]
     jax.config.update("jax_compilation_cache_dir", _XLA_CACHE[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -67,3 +67,50 @@ def test_locate_without_tensorflow_explains_how_to_prepare(tmp_path, monkeypatch
 def test_locate_finds_prepared_data_without_downloading(tmp_path):
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         assert cifar10.locate(str(tmp_path), download=False) == str(tmp_path)
+
+
+@needs_real
+def test_decoded_cache_is_read_back_checked_and_rewritten(tmp_path):
+    """``load_split`` caches a split's decoded arrays, reads them back, and decodes again (rewriting the
+    cache) when the cached copy is damaged or disagrees with the data; an unwritable cache is skipped."""
+    split = "test[:600]"
+    ref = cifar10._decode(tfds.data_source("cifar10", split=split, data_dir=REAL, download=False))
+    cache = tmp_path / "cache"
+
+    def load(expect_hit, where=cache):
+        got, hit = cifar10.load_split(split, REAL, where)
+        assert hit == expect_hit
+        assert np.array_equal(got.images, ref.images) and np.array_equal(got.labels, ref.labels)
+        assert got.labels.dtype == np.int32
+
+    load(False)
+    (f,) = cache.glob("cifar10-*-test__600_-decoded-*.npz")
+    load(True)
+    # a cached copy that disagrees with the data (one of the spot-checked images) is decoded again
+    with np.load(f) as z:
+        images, labels = z["images"].copy(), z["labels"]
+    images[0, 0, 0, 0] ^= 1
+    np.savez(f, images=images, labels=labels)
+    load(False)
+    load(True)
+    # a truncated file, and one of another shape
+    f.write_bytes(f.read_bytes()[:1000])
+    load(False)
+    np.savez(f, images=images[:10], labels=labels[:10])
+    load(False)
+    load(True)
+    # another slice of the split is another cache entry
+    assert cifar10._cache_path(tfds.data_source("cifar10", split="test[:601]", data_dir=REAL, download=False),
+                               "test[:601]", cache) != f
+    # a cache dir that cannot be created: the data still loads, nothing is left behind
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    load(False, blocker / "cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "file"]
+    assert len(list(cache.iterdir())) == 1  # no temporary files
+
+
+def test_mock_data_is_never_cached(tmp_path):
+    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = cifar10.load(str(tmp_path / "d"), cache_dir=tmp_path / "cache")
+    assert len(data.train) == 8 and not data.cached and not (tmp_path / "cache").exists()

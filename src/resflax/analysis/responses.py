@@ -113,6 +113,7 @@ def run_responses(workdir: str | Path, data_dir: str | None = None, max_images: 
     import jax  # noqa: PLC0415
 
     from resflax.data import cifar10  # noqa: PLC0415
+    from resflax.train import tasks  # noqa: PLC0415
     from resflax.train.evaluate import load_config, restore  # noqa: PLC0415
 
     config = load_config(workdir)
@@ -122,7 +123,7 @@ def run_responses(workdir: str | Path, data_dir: str | None = None, max_images: 
     cache = {} if _cache is None else _cache
     key = (plan.data_dir, config.val_examples)
     if key not in cache:  # several runs usually share the data: decode it once
-        cache[key] = cifar10.load(plan.data_dir, config.val_examples)
+        cache[key] = cifar10.load(plan.data_dir, config.val_examples, tasks.cache_dir(config))
     data = cache[key]
     images = data.test.images[:max_images] if max_images else data.test.images
     model = plan.model.clone(bn_axis_name=None)  # eval mode never averages statistics across devices

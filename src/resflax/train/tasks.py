@@ -121,9 +121,10 @@ class CifarTask:
 
         t0 = time.time()
         self.config, self.mesh = config, plan.mesh
-        self.data = data = cifar10.load(plan.data_dir, config.val_examples)
+        self.data = data = cifar10.load(plan.data_dir, config.val_examples, cache_dir(config))
+        how = "read from the decoded cache" if data.cached else "decoded"
         say(f"CIFAR-10 from {data.data_dir}: {len(data.train)} train / {len(data.test)} test"
-            + (f" / {len(data.val)} val" if data.val else "") + f" (decoded in {time.time() - t0:.1f}s)")
+            + (f" / {len(data.val)} val" if data.val else "") + f" ({how} in {time.time() - t0:.1f}s)")
         self.event = {"data_dir": data.data_dir, "train": len(data.train), "test": len(data.test),
                       "val": len(data.val) if data.val else 0}
         self.steps_per_epoch = len(data.train) // config.batch_size
@@ -208,8 +209,9 @@ def _fingerprint(source, n: int = 4) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_dir(config) -> Path:
-    if config.mean_cache_dir:
+def cache_dir(config) -> Path:
+    """resflax's cache: ImageNet per-pixel means, CIFAR-10's decoded arrays."""
+    if config.get("mean_cache_dir"):
         return Path(config.mean_cache_dir).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "resflax"
 
@@ -244,7 +246,7 @@ class ImageNetTask:
         self.steps_per_epoch = len(train) / config.batch_size
         t0 = time.time()
         if config.mean == "pixel":
-            path = imagenet.mean_cache_path(_cache_dir(config), f"{src.name}-{self.fingerprint}", src.version,
+            path = imagenet.mean_cache_path(cache_dir(config), f"{src.name}-{self.fingerprint}", src.version,
                                             config.mean_images, self.cfg)
             cached = path.exists()
             self.mean_host = imagenet.load_or_compute_mean(

@@ -147,13 +147,13 @@ def _mean(config, size: int) -> np.ndarray:
     if tasks.is_cifar(config):
         from resflax.data import cifar10  # noqa: PLC0415
 
-        return cifar10.load(cifar10.locate(config.data_dir), config.val_examples).mean
+        return cifar10.load(cifar10.locate(config.data_dir), config.val_examples, tasks.cache_dir(config)).mean
     from resflax.data import imagenet, imagenet_source  # noqa: PLC0415
 
     src = imagenet_source.open_source(config.dataset, config.data_dir)
     train = src.train if not config.val_examples else tasks._Slice(src.train, 0, len(src.train) - config.val_examples)
     cfg = tasks.preprocess(config)
-    path = imagenet.mean_cache_path(tasks._cache_dir(config), f"{src.name}-{tasks._fingerprint(train)}", src.version,
+    path = imagenet.mean_cache_path(tasks.cache_dir(config), f"{src.name}-{tasks._fingerprint(train)}", src.version,
                                     config.mean_images, cfg)
     return imagenet.load_or_compute_mean(path, lambda: imagenet.sample_images(train, config.mean_images), cfg)
 
