@@ -230,8 +230,10 @@ def test_cli_missing_data(tmp_path):
 @needs_real
 def test_resnet20_learns_on_real_cifar10(tmp_path):
     c = load_experiment().get_config("resnet20")
+    # batch 64, not the paper's 128, for the suite's time: after 100 steps the loss is 1.84 (2.92 at step 10)
+    # and the test error 70.4% (seed 0; chance is 90%)
     c.update(dict(num_steps=100, checkpoint_every_steps=100, log_every_steps=10, eval_every_steps=100,
-                  progress=False, data_dir=REAL))
+                  progress=False, data_dir=REAL, batch_size=64))
     out = loop.train_and_evaluate(c, str(tmp_path))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("split") == "train"]
