@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from resflax.data.files import save_atomically
 from resflax.errors import DataError  # noqa: F401 (raised here; importable from here as before)
 from resflax.quiet import quiet_absl
 
@@ -174,17 +174,11 @@ def _read_cache(path: Path, source) -> Split | None:
 
 
 def _write_cache(path: Path, split: Split) -> None:
-    """Atomically (a temporary file renamed into place); a cache that cannot be written is skipped."""
-    tmp = None
+    """Atomically (``files.save_atomically``); a cache that cannot be written is skipped."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=split.images, labels=split.labels)
-        os.replace(tmp, path)
+        save_atomically(path, lambda f: np.savez(f, images=split.images, labels=split.labels))
     except OSError:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
+        pass
 
 
 def load_split(split: str, data_dir: str, cache_dir: str | os.PathLike | None = None) -> tuple[Split, bool]:

@@ -31,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from resflax.data import jpeg
+from resflax.data.files import save_atomically
 from resflax.errors import DataError
 
 NUM_CLASSES = 1000
@@ -263,15 +263,7 @@ def load_or_compute_mean(cache_path: str | os.PathLike, images: Callable[[], Ite
                             f"({cfg.size}, {cfg.size}, 3); delete it to recompute")
         return mean.astype(np.float32)
     mean = compute_mean(images(), cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, mean)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomically(path, lambda f: np.save(f, mean))
     return mean
 
 

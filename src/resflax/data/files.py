@@ -1,0 +1,25 @@
+"""Cache files written atomically: a temporary file in the same folder, renamed into place, so a crash or a
+full disk never leaves half a file where a later start would read it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def save_atomically(path: str | os.PathLike, save: Callable[[BinaryIO], None]) -> None:
+    """``save(f)`` into a temporary file next to ``path``, then renamed to ``path``; on any failure the
+    temporary file is removed and the error raised."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=f"{path.suffix}.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            save(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
