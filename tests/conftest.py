@@ -10,27 +10,54 @@ from pathlib import Path
 
 import pytest
 
-_XLA_CACHE: list[str] = []
+_SESSION_DIRS: list[str] = []
 
 
 def pytest_configure(config):
-    """One persistent XLA compilation cache for the session's in-process runs: the many tests that train the
-    same tiny network compile its step once (the subprocess tests have their own, ``run_helpers.cache_dir``).
-    Keyed by the program and the XLA flags, so a hit runs the same executable: results are unchanged."""
+    """Session folders that every test and subprocess shares, removed at the end:
+
+    * one persistent XLA compilation cache (every program, however quick to compile): the many tests and
+      subprocesses that build the same tiny networks compile each program once. Keyed by the program and
+      the XLA flags, so a hit runs the same executable: results are unchanged. Subprocess tests that set
+      their own cache (``run_helpers.env``) use the same folder;
+    * resflax's own cache (decoded CIFAR-10, ImageNet means), not the user's ~/.cache: a CLI run after an
+      in-process one reads what that one decoded;
+    * a TMPDIR for subprocesses, and no temporary folder from TFDS in-process (see ``_no_tfds_temp_leak``).
+    """
     import jax  # noqa: PLC0415
 
-    _XLA_CACHE.append(tempfile.mkdtemp(prefix="resflax-test-xla-"))
-    # resflax's own cache (decoded CIFAR-10, ImageNet means) in a session folder, not the user's ~/.cache;
-    # subprocesses inherit it, so a CLI run after an in-process one reads what that one decoded
-    _XLA_CACHE.append(tempfile.mkdtemp(prefix="resflax-test-cache-"))
-    os.environ["XDG_CACHE_HOME"] = _XLA_CACHE[1]
-    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cc, cache, tmp = (tempfile.mkdtemp(prefix=f"resflax-test-{k}-") for k in ("xla", "cache", "tmp"))
+    _SESSION_DIRS.extend((cc, cache, tmp))
+    os.environ.update(XDG_CACHE_HOME=cache, TMPDIR=tmp, JAX_COMPILATION_CACHE_DIR=cc,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    jax.config.update("jax_compilation_cache_dir", cc)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    _no_tfds_temp_leak()
+
+
+def _no_tfds_temp_leak():
+    """TFDS makes an empty temporary folder (``tempfile.mkdtemp("tfds")``) whenever it builds a dataset whose
+    files are not there yet, every ``tfds.testing.mock_data`` read included, and never removes it: a suite
+    run left ~470 in /tmp. In-process, that folder goes in a temporary folder removed right after;
+    subprocesses write theirs in the session's TMPDIR."""
+    from tensorflow_datasets.core import dataset_info  # noqa: PLC0415
+
+    original = dataset_info.DatasetInfo.initialize_from_bucket
+
+    def initialize_from_bucket(self):
+        with tempfile.TemporaryDirectory(prefix="resflax-test-tfds-") as d:
+            saved, tempfile.tempdir = tempfile.tempdir, d
+            try:
+                return original(self)
+            finally:
+                tempfile.tempdir = saved
+
+    dataset_info.DatasetInfo.initialize_from_bucket = initialize_from_bucket
 
 
 def pytest_unconfigure(config):
-    for d in _XLA_CACHE:
+    for d in _SESSION_DIRS:
         shutil.rmtree(d, ignore_errors=True)
 
 

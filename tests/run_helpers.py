@@ -27,9 +27,12 @@ _cache: dict = {}
 
 
 def cache_dir(tmp_path_factory) -> Path:
-    """One persistent XLA compilation cache for the session: later subprocesses skip most compiling."""
+    """One persistent XLA compilation cache for the session: later subprocesses skip most compiling. The one
+    conftest.py made for the in-process tests where there is one (their eager initialisations are the same
+    programs)."""
     if "cc" not in _cache:
-        _cache["cc"] = tmp_path_factory.mktemp("xla_cache")
+        shared = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        _cache["cc"] = Path(shared) if shared else tmp_path_factory.mktemp("xla_cache")
     return _cache["cc"]
 
 

@@ -239,8 +239,6 @@ def test_resnet20_learns_on_real_cifar10(tmp_path):
     train = [r for r in rows if r.get("split") == "train"]
     assert train[0]["loss"] > 2.0 and train[-1]["loss"] < 0.8 * train[0]["loss"]
     assert out["test_error"] < 75.0  # chance is 90%
-    r = cli("eval", f"--workdir={tmp_path}", "--json")
-    assert r.returncode == 0, r.stderr[-1000:]
-    ev = json.loads(r.stdout.strip().splitlines()[-1])
-    assert ev["step"] == 100 and ev["test_examples"] == 10_000
-    assert ev["test_error"] == pytest.approx(out["test_error"]) and ev["state_digest"] == out["state_digest"]
+    tests = [r for r in rows if r.get("split") == "test"]
+    assert [r["step"] for r in tests] == [100] and tests[0]["error"] == pytest.approx(out["test_error"])
+    # (`resflax eval` of a finished run: tests/test_evaluate.py on mock data, `make demo` on this data)
