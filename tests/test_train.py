@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from test_schedules import load_experiment
 
+from resflax import cli as resflax_cli
 from resflax.models import get_model
 from resflax.train import evaluate, loop
 from resflax.train import state as state_lib
@@ -228,7 +229,7 @@ def test_cli_missing_data(tmp_path):
 
 @pytest.mark.slow
 @needs_real
-def test_resnet20_learns_on_real_cifar10(tmp_path):
+def test_resnet20_learns_on_real_cifar10(tmp_path, capfd):
     c = load_experiment().get_config("resnet20")
     # batch 64, not the paper's 128, for the suite's time: after 100 steps the loss is 1.84 (2.92 at step 10)
     # and the test error 70.4% (seed 0; chance is 90%)
@@ -241,4 +242,9 @@ def test_resnet20_learns_on_real_cifar10(tmp_path):
     assert out["test_error"] < 75.0  # chance is 90%
     tests = [r for r in rows if r.get("split") == "test"]
     assert [r["step"] for r in tests] == [100] and tests[0]["error"] == pytest.approx(out["test_error"])
-    # (`resflax eval` of a finished run: tests/test_evaluate.py on mock data, `make demo` on this data)
+    # resflax eval of the finished run, in-process (a subprocess would add its start-up to the suite)
+    capfd.readouterr()
+    assert resflax_cli.main(["eval", f"--workdir={tmp_path}", "--json"]) == 0
+    ev = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert ev["step"] == 100 and ev["test_examples"] == 10_000
+    assert ev["test_error"] == pytest.approx(out["test_error"]) and ev["state_digest"] == out["state_digest"]
