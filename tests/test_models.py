@@ -477,3 +477,31 @@ def test_resnet_rejects_bad_fields():
         model = ResNet(**fields)
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(lambda v, m=model: m.init(KEY, v, train=False), x)
+
+
+INIT_SHAPES = [(3, 3, 16, 16), (1, 1, 8, 2)]  # a CIFAR conv; an odd size (threefry pads it)
+
+
+@pytest.mark.parametrize("key", [jax.random.PRNGKey(3), jax.random.key(3, impl="rbg")], ids=["threefry", "rbg"])
+def test_initializers_give_jaxs_values(key):
+    """resflax's initialisers compile the eager draw at LLVM -O1 on the CPU (several times faster to compile):
+    the values are bit for bit JAX's own initialisers', eagerly and traced inside ``jit``."""
+    from resflax.models import initializers  # noqa: PLC0415
+
+    pairs = [
+        (initializers.he_normal, nn.initializers.variance_scaling(2.0, "fan_in", "normal")),
+        (initializers.variance_scaling(2.0, "fan_out", "normal"),
+         nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
+        (initializers.lecun_normal, nn.initializers.lecun_normal()),
+        (initializers.normal(0.01), nn.initializers.normal(0.01)),
+    ]
+    for i, shape in enumerate(INIT_SHAPES if key.dtype == jnp.uint32 else INIT_SHAPES[:1]):
+        k = jax.random.fold_in(key, i)
+        for ours, jaxs in pairs:
+            np.testing.assert_array_equal(np.asarray(ours(k, shape, jnp.float32)),
+                                          np.asarray(jaxs(k, shape, jnp.float32)))
+    ours, jaxs = (jax.jit(f, static_argnums=(1, 2)) for f in pairs[0])
+    np.testing.assert_array_equal(np.asarray(ours(key, INIT_SHAPES[0], jnp.float32)),
+                                  np.asarray(jaxs(key, INIT_SHAPES[0], jnp.float32)))
+    with pytest.raises(ValueError, match="rank 1"):
+        initializers.he_normal(key, (16,))

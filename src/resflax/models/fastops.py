@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resflax.models import initializers
+
 Array = Any
 
 
@@ -267,7 +269,7 @@ class Conv(nn.Module):
     use_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
-    kernel_init: Callable = nn.initializers.lecun_normal()
+    kernel_init: Callable = initializers.lecun_normal  # nn.Conv's default (the same values)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

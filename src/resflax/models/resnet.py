@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resflax import xla as _xla
-from resflax.models import fastops
+from resflax.models import fastops, initializers
 from resflax.models.blocks import BasicBlock, BottleneckBlock, ModuleDef
 
 _xla.configure()  # default XLA flags must be in place before the backend starts
@@ -25,8 +25,9 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
 STEMS = ("cifar", "imagenet")
 IMPLS = ("fast", "flax")
 
-# He et al. (2015) "Delving deep into rectifiers": N(0, 2 / fan_in), not truncated.
-he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# He et al. (2015) "Delving deep into rectifiers": N(0, 2 / fan_in), not truncated (JAX's initialiser, compiled
+# faster on the CPU: the same values, see initializers.py).
+he_normal = initializers.he_normal
 
 
 def _stack(trees):
@@ -280,5 +281,6 @@ class ResNet(nn.Module):
                 name=f"stage{i + 1}",
             )(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc",
+                     kernel_init=initializers.lecun_normal)(x)  # Flax's default, compiled faster on the CPU
         return jnp.asarray(x, jnp.float32)

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resflax.models import initializers
+
 CONFIGS = {
     16: (2, 2, 3, 3, 3),
     19: (2, 2, 4, 4, 4),
@@ -53,7 +55,7 @@ class VGG(nn.Module):
             raise ValueError(f"VGG depth must be one of {sorted(CONFIGS)}, got {self.depth}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # torchvision's init: He (fan_out) for convs with zero bias; N(0, 0.01) for the FC layers
-        conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        conv_init = initializers.variance_scaling(2.0, "fan_out", "normal")  # JAX's, see initializers.py
         x = jnp.asarray(x, self.dtype)
         k = 0
         for n, width in zip(CONFIGS[self.depth], WIDTHS):
@@ -63,7 +65,7 @@ class VGG(nn.Module):
                 k += 1
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = _adaptive_avg_pool(x, 7).reshape((x.shape[0], -1))
-        dense = dict(kernel_init=nn.initializers.normal(0.01), **kw)
+        dense = dict(kernel_init=initializers.normal(0.01), **kw)
         x = nn.relu(nn.Dense(4096, name="fc0", **dense)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.relu(nn.Dense(4096, name="fc1", **dense)(x))
