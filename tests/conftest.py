@@ -56,6 +56,18 @@ def _no_tfds_temp_leak():
     dataset_info.DatasetInfo.initialize_from_bucket = initialize_from_bucket
 
 
+# The longest files (~1.5-3 min each on 2 cores), started first when pytest-xdist spreads files over workers
+# (``make test``: -n 2 --dist loadfile), so that no long file starts last while the other worker idles.
+LONGEST_FIRST = ("test_torch_parity.py", "test_imagenet_train.py", "test_multihost.py", "test_train.py",
+                 "test_robustness.py", "test_population.py", "test_scan.py", "test_parallel.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 def pytest_unconfigure(config):
     for d in _SESSION_DIRS:
         shutil.rmtree(d, ignore_errors=True)

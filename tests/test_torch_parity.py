@@ -108,9 +108,15 @@ def violations(records: list[dict], tol: dict = TOL) -> list[str]:
     return bad
 
 
+# In a pytest-xdist worker another worker shares the cores: PyTorch's spinning OpenMP threads then slow its
+# steps several times over (ResNet-110: 85 s alone, 360 s beside another worker); one thread avoids that.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
+
+
 def _run(name, data, keep=0):
     case = CASES[name]
-    return tp.run(name, STEPS, case["batch"], case["recipe"], *data, free=False, forced_every=1, keep=keep)
+    return tp.run(name, STEPS, case["batch"], case["recipe"], *data, free=False, forced_every=1, keep=keep,
+                  threads=THREADS)
 
 
 @pytest.fixture(scope="module")
