@@ -27,35 +27,35 @@ from resflax import xla as _xla
 CPU_OPT_LEVEL = 1
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3),
-                   compiler_options={"xla_backend_optimization_level": CPU_OPT_LEVEL})
-def _draw_o1(key, shape, dtype, truncated):
+def _draw(key, shape, dtype, truncated: bool):
+    """``random.normal`` (or ``random.truncated_normal(-2, 2)``) of ``shape``, as JAX's initialisers draw it."""
     if truncated:
         return random.truncated_normal(key, -2, 2, shape, dtype)
     return random.normal(key, shape, dtype)
 
 
-def _on_cpu(key) -> bool:
-    """``key`` is a concrete array (not traced) on CPU devices only, and the jaxlib is a tested one."""
-    if isinstance(key, jax.core.Tracer) or not isinstance(key, jax.Array) or not _xla.default_flags():
-        return False
-    return all(d.platform == "cpu" for d in key.devices())
+_draw_o1 = jax.jit(_draw, static_argnums=(1, 2, 3), compiler_options={"xla_backend_optimization_level": CPU_OPT_LEVEL})
+
+
+@functools.cache
+def _tested_jaxlib() -> bool:
+    return bool(_xla.default_flags())
 
 
 def _standard(key, shape, dtype, truncated: bool):
-    """``random.normal`` (or ``random.truncated_normal(-2, 2)``) of ``shape``: the same bits either way."""
-    if _on_cpu(key):
+    """``_draw``, compiled at -O1 when ``key`` is a concrete array (not traced) on CPU devices only and the
+    jaxlib is a tested one: the same bits either way."""
+    concrete = isinstance(key, jax.Array) and not isinstance(key, jax.core.Tracer)
+    if concrete and _tested_jaxlib() and all(d.platform == "cpu" for d in key.devices()):
         return _draw_o1(key, shape, np.dtype(dtype), truncated)
-    if truncated:
-        return random.truncated_normal(key, -2, 2, shape, dtype)
-    return random.normal(key, shape, dtype)
+    return _draw(key, shape, dtype, truncated)
 
 
 def _fans(shape) -> tuple[float, float]:
     """JAX's fans for the default axes (inputs -2, outputs -1, the rest the receptive field)."""
     if len(shape) < 2:
         raise ValueError(f"a weight of rank {len(shape)} has no fan-in/fan-out (need >= 2 dimensions)")
-    receptive_field_size = math.prod(shape) / shape[-2] / shape[-1] / 1  # JAX's order
+    receptive_field_size = math.prod(shape) / shape[-2] / shape[-1]  # JAX's order of divisions
     return shape[-2] * receptive_field_size, shape[-1] * receptive_field_size
 
 
