@@ -7,7 +7,6 @@ workdir."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -50,13 +49,9 @@ def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None
     if not locate_data and "num_classes" in config and not config.num_classes:
         config.num_classes = _saved_num_classes(workdir)  # the dataset's, recorded with the checkpoints
     p = loop.plan(config, locate_data)
-    tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
-                              weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
     # shapes only (no eager initialisation: restoring needs the tree, not its values)
-    init = jax.eval_shape(lambda: state_lib.init_state(p.model, tx_fn, config.seed, tasks.image_shape(config),
-                                                              config.warmup))
-    rep = jax.sharding.NamedSharding(p.mesh, jax.sharding.PartitionSpec())
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), init)
+    abstract = state_lib.abstract_state(p.model, state_lib.optimizer(config), config.seed, tasks.image_shape(config),
+                                        config.warmup, p.mesh)
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         restored = ckpt.restore_latest(abstract)
@@ -88,7 +83,7 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, protocol:
     task = tasks.create(config, p, lambda *a, **k: None)
     try:
         if protocol == "center":
-            tx = state_lib.make_optimizer(state.params, config.momentum, config.weight_decay, config.weight_decay_on)
+            tx = state_lib.optimizer(config)(state.params)
             task.build(p.model, tx, p.step_cfg)
             r = task.evaluate(state, splits=("test",))["test"]
         else:

@@ -240,14 +240,11 @@ def _run(config, cfg_dict, p: Plan, path: Path, pre: _Preemption) -> dict[str, A
 def _run_task(config, cfg_dict, p: Plan, path: Path, pre: _Preemption, task, changes, say) -> dict[str, Any]:
     is_main = jax.process_index() == 0
 
-    tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
-                              weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
+    tx_fn = state_lib.optimizer(config)
     init = state_lib.init_state(p.model, tx_fn, config.seed, task.image_shape, config.warmup)
     tx = tx_fn(init.params)
     ckpt = Checkpointer(path, keep=config.keep_checkpoints)
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
-            p.mesh, jax.sharding.PartitionSpec())), init)
+    abstract = state_lib.abstract_state(p.model, tx_fn, config.seed, task.image_shape, config.warmup, p.mesh, init)
     restored = ckpt.restore_latest(abstract)
     devices_before, meta = None, {}
     if restored is not None:

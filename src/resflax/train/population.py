@@ -234,14 +234,13 @@ class _Run:
 
     def _train(self, task, changes) -> dict[str, Any]:
         config, p, mesh = self.config, self.p, self.p.mesh
-        tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
-                                  weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
+        tx_fn = state_lib.optimizer(config)
         models = [p.model.clone(residual=m.residual) for m in self.mem]
         inits = [state_lib.init_state(models[k], tx_fn, m.seed, task.image_shape, config.warmup)
                  for k, m in enumerate(self.mem)]
         tx = tx_fn(inits[0].params)
-        rep = NamedSharding(mesh, P())
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), inits[0])
+        abstract = state_lib.abstract_state(models[0], tx_fn, self.mem[0].seed, task.image_shape, config.warmup,
+                                            mesh, inits[0])
         ckpts = [Checkpointer(d, keep=config.keep_checkpoints) for d in self.dirs]
         try:
             return self._loop(task, tx, inits, ckpts, abstract, changes)

@@ -6,12 +6,14 @@ permutation per epoch), so restoring ``step`` and ``rng`` restores the input pip
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from resflax.models.resnet import pack_blocks
 
@@ -47,6 +49,23 @@ def make_optimizer(params: Any, momentum: float, weight_decay: float, weight_dec
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params, weight_decay_on)),
         optax.trace(decay=momentum, nesterov=False),
     )
+
+
+def optimizer(config) -> Any:
+    """``params -> optax transformation``: the run's optimizer (``make_optimizer`` with the config's momentum
+    and weight decay). The one place a run's optimizer is built from its config."""
+    return functools.partial(make_optimizer, momentum=config.momentum, weight_decay=config.weight_decay,
+                             weight_decay_on=config.weight_decay_on)
+
+
+def abstract_state(model, tx_fn, seed: int, image_shape, warmup: bool, mesh, init: Any = None) -> TrainState:
+    """The train state's shapes and dtypes, replicated over ``mesh``: what a checkpoint is restored into.
+    Taken from ``init`` when the caller has the initial state already, else without computing any value
+    (``jax.eval_shape`` of ``init_state``)."""
+    shapes = init if init is not None else jax.eval_shape(
+        lambda: init_state(model, tx_fn, seed, image_shape, warmup))
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
 
 
 def init_state(model, tx_fn, seed: int, image_shape, warmup: bool) -> TrainState:

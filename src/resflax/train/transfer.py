@@ -10,7 +10,6 @@ the weights were trained with (torchvision/timm and akamaster: per-channel mean 
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -58,8 +57,7 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     except DataError:
         p = loop.plan(config, locate_data=False)
     weights.check_variant(state_dict, p.model, layout)
-    tx_fn = functools.partial(state_lib.make_optimizer, momentum=config.momentum,
-                              weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on)
+    tx_fn = state_lib.optimizer(config)
     shape = tasks.image_shape(config)
     abstract = jax.eval_shape(lambda: p.model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
     variables = weights.from_torch(state_dict, p.model, abstract, layout)
