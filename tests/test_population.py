@@ -10,7 +10,8 @@ from test_train import mock, tiny_config
 
 from resflax import cli
 from resflax.errors import BadInput, DivergenceError
-from resflax.train import loop, population
+from resflax.train import loop
+from resflax.train import members as population
 from resflax.train import state as state_lib
 
 IGNORED = ("img_per_s", "population_img_per_s")

@@ -33,6 +33,13 @@ _VGG = re.compile(r"^vgg(16|19)$")
 VGG_DEPTHS = (16, 19)
 
 
+def parse_name(name: str) -> tuple[str | None, str, int] | None:
+    """``(family, kind, depth)`` of a ResNet-family name: ``("cifar", "plain", 20)`` for ``cifar_plain20``,
+    ``(None, "resnet", 56)`` for ``resnet56`` (family from the prefix only); ``None`` for other names."""
+    m = _NAME.match(name)
+    return (m.group(1), m.group(2), int(m.group(3))) if m else None
+
+
 def available_models() -> list[str]:
     """The paper's named models (any other ``resnet{6n+2}``/``plain{6n+2}`` CIFAR depth also works)."""
     names = [f"resnet{d}" for d in CIFAR_PAPER_RESNETS] + [f"plain{d}" for d in CIFAR_PAPER_PLAINS]
