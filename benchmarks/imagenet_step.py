@@ -45,7 +45,6 @@ def resflax_cases(args) -> list[dict]:
 
     from resflax.data import imagenet  # noqa: PLC0415
     from resflax.models import get_model  # noqa: PLC0415
-    from resflax.train import schedules  # noqa: PLC0415
     from resflax.train import state as state_lib  # noqa: PLC0415
     from resflax.train import step as step_lib  # noqa: PLC0415
 
@@ -58,9 +57,8 @@ def resflax_cases(args) -> list[dict]:
         init = state_lib.init_state(model, tx_fn, 0, (s, s, 3), False)
         tx = tx_fn(init.params)
         cfg = step_lib.step_config((), batch_size=b, base_lr=0.1, factor=0.1, warmup_lr=0.01, warmup_until_error=0.8)
-        lr_fn = functools.partial(schedules.linear_warmup_lr, base_lr=0.1, boundaries=(), factor=0.1, warmup_steps=0)
         step = step_lib.make_batch_train_step(
-            model, tx, cfg, mesh, lr_fn, lambda im, m, li: imagenet.finish_batch(im, m, li, xp=jnp))
+            model, tx, cfg, mesh, lambda im, m, li: imagenet.finish_batch(im, m, li, xp=jnp))
         state = [step_lib.replicate(init, mesh)]
         shard = NamedSharding(mesh, P(step_lib.AXIS))
         rng = np.random.default_rng(0)

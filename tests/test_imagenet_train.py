@@ -165,7 +165,7 @@ def test_plateau_rule_drops_the_lr_and_survives_a_resumption(tiny_data, tmp_path
                  "--config.plateau_patience=1", "--config.plateau_min_delta=1000.0", "--config.eval_every_steps=2",
                  "--config.checkpoint_every_steps=2")
     assert _start(w, log, e, [*base, "--config.num_steps=4"]).wait(600) == 0, log.read_text()[-3000:]
-    rec = _meta(w, 4)["input"]["plateau"]
+    rec = _meta(w, 4)["lr"]["plateau"]
     assert rec["drops"] == [4] and rec["bad"] == 0
     assert _start(w, log, e, [*base, "--config.num_steps=6"]).wait(600) == 0, log.read_text()[-3000:]
     out = log.read_text()
@@ -175,7 +175,7 @@ def test_plateau_rule_drops_the_lr_and_survives_a_resumption(tiny_data, tmp_path
     assert lrs[4] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.01) and lrs[6] == pytest.approx(0.01)
     # step 6's evaluation does not improve on step 4's by 1000 points either: a second drop, for step 7 on
     assert [r["step"] for r in rows if r.get("event") == "lr_drop"] == [4, 6]
-    assert _meta(w, 6)["input"]["plateau"]["drops"] == [4, 6]
+    assert _meta(w, 6)["lr"]["plateau"]["drops"] == [4, 6]
     assert {r["split"] for r in rows if "split" in r} == {"train", "test", "val"}
 
 
@@ -224,17 +224,15 @@ def _imagenet_config(arg: str):
 
 
 def test_configs_of_the_paper_tables():
-    from resflax.train import tasks  # noqa: PLC0415
-
     for name, shortcut in [("plain18", "A"), ("plain34", "A"), ("resnet18", "A"), ("resnet34", "A"),
                            ("resnet50", "B"), ("resnet101", "B"), ("resnet152", "B")]:
         c = _imagenet_config(name)
         assert (c.model, c.shortcut, c.batch_size, c.num_steps) == (name, shortcut, 256, 600_000)
         assert c.lr_boundaries == (150_000, 300_000, 450_000) and c.weight_decay == 1e-4 and c.momentum == 0.9
         assert (c.crop, tuple(c.scale_range), c.lighting_std, c.mean) == ("scale", (256, 480), 0.1, "pixel")
-        assert not c.stride_on_3x3 and tasks.peak_lr(c) == pytest.approx(0.1)
+        assert not c.stride_on_3x3 and schedules.peak_lr(c) == pytest.approx(0.1)
     assert _imagenet_config("resnet34,shortcut=C").shortcut == "C"
     c = _imagenet_config("resnet50")
     c.lr_scaling, c.batch_size = "linear", 1024
-    assert tasks.peak_lr(c) == pytest.approx(0.4)
+    assert schedules.peak_lr(c) == pytest.approx(0.4)
 

@@ -30,11 +30,11 @@ def test_paper_schedule_boundaries(step, lr):
 
 
 def test_warmup_overrides_schedule_until_switched():
-    args = (0.1, (32_000, 48_000), 0.1, 0.01)
-    assert float(schedules.learning_rate(5, True, *args)) == pytest.approx(0.01)
-    assert float(schedules.learning_rate(40_000, True, *args)) == pytest.approx(0.01)
-    assert float(schedules.learning_rate(5, False, *args)) == pytest.approx(0.1)  # back to 0.1, not stuck
-    assert float(schedules.learning_rate(40_000, False, *args)) == pytest.approx(0.01)
+    s = schedules.Schedule(base_lr=0.1, boundaries=(32_000, 48_000), factor=0.1, warmup_lr=0.01)
+    assert float(s.lr(5, True)) == pytest.approx(0.01)
+    assert float(s.lr(40_000, True)) == pytest.approx(0.01)
+    assert float(s.lr(5, False)) == pytest.approx(0.1)  # back to 0.1, not stuck
+    assert float(s.lr(40_000, False)) == pytest.approx(0.01)
 
 
 def test_scaled_steps():

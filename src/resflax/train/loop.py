@@ -94,19 +94,10 @@ def _plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
     if config.batch_size % ndev:
         raise BadInput(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
     mesh = step_lib.make_mesh(ndev)
-    scale = config.schedule_scale
-    if scale <= 0:
-        raise BadInput(f"schedule_scale must be positive, got {scale}")
-    num_steps = schedules.scaled_steps(config.num_steps, scale)
-    boundaries = tuple(schedules.scaled_steps(b, scale) for b in config.lr_boundaries)
-    step_cfg = step_lib.step_config(
-        boundaries,
-        batch_size=config.batch_size,
-        base_lr=tasks.peak_lr(config),
-        factor=config.lr_factor,
-        warmup_lr=config.warmup_lr,
-        warmup_until_error=config.warmup_until_error,
-    )
+    if config.schedule_scale <= 0:
+        raise BadInput(f"schedule_scale must be positive, got {config.schedule_scale}")
+    num_steps, boundaries, schedule = schedules.from_config(config)
+    step_cfg = step_lib.StepConfig(batch_size=config.batch_size, schedule=schedule)
     return Plan(model, mesh, num_steps, boundaries, step_cfg, data_dir)
 
 
@@ -292,6 +283,11 @@ def _loop(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, cha
     else:
         task.build(p.model, tx, p.step_cfg)
     task.start(start, metas[first].get("input") if restored[first] is not None else None)
+    plateau = schedules.plateau(config)  # a host-side lr rule: its state is saved with every checkpoint
+    if plateau is not None and restored[first] is not None:
+        saved = metas[first].get("lr", {}).get("plateau") or metas[first].get("input", {}).get("plateau")
+        if saved is not None:  # (checkpoints written before 2026-12 kept it in the input record)
+            plateau.load(saved)
     steps_per_epoch = task.steps_per_epoch
     eval_every = config.eval_every_steps or max(1, round(steps_per_epoch))
     devices = int(mesh.size)
@@ -332,7 +328,7 @@ def _loop(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, cha
                 writers[k].write({"step": step, "split": name, "error": r["error"], "loss": r["loss"],
                                   **({"top5_error": r["top5_error"]} if "top5_error" in r else {}),
                                   "epoch": step / steps_per_epoch})
-            drop = task.after_eval(results, step)
+            drop = plateau.observe(results, step) if plateau is not None else None
             if drop:
                 writers[k].write({"step": step, "event": "lr_drop", "message": drop})
                 say(drop)
@@ -351,6 +347,8 @@ def _loop(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, cha
             meta = {"config": mem.configs[k], "step": step, "state_digest": state_lib.state_digest(hk),
                     "devices": devices, "processes": jax.process_count(), "input": task.input_state(step),
                     "num_classes": int(p.model.num_classes)}
+            if plateau is not None:
+                meta["lr"] = {"plateau": plateau.state()}
             if mem.population:
                 meta["population"] = {"member": k, "size": K, "vectorize": mem.vectorize}
             ckpts[k].save(step, mem.state(states, k), meta, host_state=hk)
@@ -376,7 +374,7 @@ def _loop(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, cha
                 alive_dev, alive_sent = step_lib.replicate(np.asarray(alive), mesh), list(alive)
             states, metrics = task.population_step(states, alive_dev)
         else:
-            states, metrics = task.train_step(states)
+            states, metrics = task.train_step(states, plateau.scale() if plateau is not None else 1.0)
         step += 1
         if not multi:
             stop = pre.requested

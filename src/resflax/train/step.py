@@ -34,13 +34,8 @@ AXIS = "data"
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    batch_size: int
-    base_lr: float
-    boundaries: tuple[int, ...]
-    factor: float
-    warmup_lr: float
-    warmup_until_error: float  # the warm-up ends when the smoothed training error drops below this
-    warmup_ema: float = 0.95
+    batch_size: int  # the global batch
+    schedule: schedules.Schedule  # the lr (and the CIFAR warm-up rule), decided in train.schedules
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -80,9 +75,10 @@ def batch_indices(rng_data: jax.Array, step: jax.Array, num_examples: int, batch
     return jax.lax.dynamic_slice(perm, (pos * batch_size,), (batch_size,))
 
 
-def _sgd_update(model, tx, cfg: StepConfig, state: TrainState, x, y, lr_fn) -> tuple[TrainState, dict]:
+def _sgd_update(model, tx, cfg: StepConfig, state: TrainState, x, y, lr_scale=None) -> tuple[TrainState, dict]:
     """One SGD step on this device's slice ``(x, y)``: gradients, loss, error and BN statistics averaged over
-    the ``data`` axis; ``lr_fn(state)`` gives the learning rate; the CIFAR warm-up bookkeeping is updated."""
+    the ``data`` axis; the lr is the schedule's (times ``lr_scale``, a factor decided on the host, when given);
+    the warm-up flag's bookkeeping is updated."""
 
     rngs = {}
     if getattr(model, "dropout_rate", 0):  # VGG: a different dropout mask per step and per device
@@ -100,20 +96,22 @@ def _sgd_update(model, tx, cfg: StepConfig, state: TrainState, x, y, lr_fn) -> t
     error = jnp.mean(jnp.argmax(logits, -1) != y)
     grads, loss, error, batch_stats = jax.lax.pmean((grads, loss, error, batch_stats), AXIS)
 
-    lr = lr_fn(state)
+    lr = cfg.schedule.lr(state.step, state.warmup_active)
+    if lr_scale is not None:
+        lr = lr * lr_scale
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p - (lr * u).astype(p.dtype), state.params, updates)
 
-    ema = cfg.warmup_ema * state.train_error_ema + (1 - cfg.warmup_ema) * error
-    switch = state.warmup_active & (ema < cfg.warmup_until_error)
+    ema, active, switch_step = cfg.schedule.warmup_update(state.step, state.warmup_active, state.train_error_ema,
+                                                          state.warmup_switch_step, error)
     new_state = state.replace(
         step=state.step + 1,
         params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
-        train_error_ema=ema.astype(jnp.float32),
-        warmup_active=state.warmup_active & ~switch,
-        warmup_switch_step=jnp.where(switch, state.step + 1, state.warmup_switch_step),
+        train_error_ema=ema,
+        warmup_active=active,
+        warmup_switch_step=switch_step,
     )
     return new_state, {"loss": loss, "error": error, "lr": lr}
 
@@ -133,13 +131,7 @@ def _cifar_per_device(model, tx, cfg: StepConfig, local: int, std) -> Callable:
         if std is not None:  # imported weights' normalisation; the padding stays 0 (the mean colour)
             x = x / std
         y = labels[lidx]
-
-        def lr_fn(state):
-            return schedules.learning_rate(
-                state.step, state.warmup_active, cfg.base_lr, cfg.boundaries, cfg.factor, cfg.warmup_lr
-            )
-
-        return _sgd_update(model, tx, cfg, state, x, y, lr_fn)
+        return _sgd_update(model, tx, cfg, state, x, y)
 
     return per_device
 
@@ -223,19 +215,18 @@ def make_population_train_step(model, tx: optax.GradientTransformation, cfg: Ste
     return jax.jit(sharded, donate_argnums=(0,))
 
 
-def make_batch_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, lr_fn: Callable,
-                          finish: Callable) -> Callable:
+def make_batch_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, finish: Callable) -> Callable:
     """A train step fed from the host (ImageNet): ``step(state, images_u8, extra, labels, mean, lr_scale) ->
     (state, metrics)``. ``images_u8`` (uint8 NHWC), ``extra`` (per-image values for ``finish``, e.g. the
     lighting offsets) and ``labels`` are the global batch sharded over ``data``; ``finish(images, mean,
-    extra)`` makes the float input on the device; the lr is ``lr_fn(step) * lr_scale`` (``lr_scale``: drops
-    decided on the host, e.g. by a plateau rule)."""
+    extra)`` makes the float input on the device; the lr is the schedule's times ``lr_scale`` (drops decided
+    on the host by the plateau rule, ``schedules.Plateau``)."""
     if cfg.batch_size % mesh.shape[AXIS]:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {mesh.shape[AXIS]} devices")
 
     def per_device(state: TrainState, images, extra, labels, mean, lr_scale):
         x = finish(images, mean, extra)
-        return _sgd_update(model, tx, cfg, state, x, labels, lambda s: lr_fn(s.step) * lr_scale)
+        return _sgd_update(model, tx, cfg, state, x, labels, lr_scale)
 
     sharded = jax.shard_map(
         per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(), P()), out_specs=(P(), P()),
@@ -326,5 +317,7 @@ def evaluate(eval_step, state: TrainState, images, labels, mean, batch_size: int
     return {"error": 100.0 * totals["errors"] / n, "loss": totals["loss"] / n, "count": int(count)}
 
 
-def step_config(boundaries: Sequence[int], **kw) -> StepConfig:
-    return StepConfig(boundaries=tuple(int(b) for b in boundaries), **kw)
+def step_config(boundaries: Sequence[int], batch_size: int, **lr) -> StepConfig:
+    """A ``StepConfig`` from the lr settings of ``schedules.Schedule`` (``base_lr``, ``factor``, ``warmup_lr``,
+    ...): for benchmarks and tests that build a step without a config."""
+    return StepConfig(batch_size, schedules.Schedule(boundaries=tuple(int(b) for b in boundaries), **lr))

@@ -10,13 +10,14 @@
   records it with the stream's identity, and a resumed run rebuilds the loader at that step, so it sees the
   same images in the same order with the same augmentation, whatever its worker or process count.
 
-A task's interface: ``describe()``, ``image_shape``, ``steps_per_epoch``, ``start(step, saved_input)``,
-``train_step(state)``, ``evaluate(state)``, ``after_eval(results, step)``, ``input_state(step)``, ``close()``.
+A task's interface: ``event`` (what the loop records about the data), ``image_shape``, ``steps_per_epoch``,
+``build(model, tx, step_cfg)``, ``start(step, saved_input)``, ``train_step(state, lr_scale)``,
+``evaluate(state)``, ``input_state(step)``, ``close()``; ``CifarTask`` also ``build_population`` and
+``population_step``. Tasks supply data; the learning rate is ``train.schedules``'.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from pathlib import Path
@@ -30,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 
 from resflax.data import augment
 from resflax.errors import BadInput, DataError
-from resflax.train import schedules
 from resflax.train import step as step_lib
 
 CIFAR = "cifar10"
@@ -83,13 +83,6 @@ def validate(config, model) -> None:
         raise BadInput("loader_workers must be >= -1 (-1: automatic), loader_threads and lr_warmup_steps >= 0")
     if config.get("warmup"):
         raise BadInput("warmup (the CIFAR ResNet-110 rule) does not apply to ImageNet; use lr_warmup_steps")
-
-
-def peak_lr(config) -> float:
-    """The base lr, scaled linearly with the global batch (``lr_scaling='linear'``: lr * batch / 256)."""
-    if not is_cifar(config) and config.lr_scaling == "linear":
-        return config.base_lr * config.batch_size / config.lr_reference_batch
-    return config.base_lr
 
 
 def preprocess(config):
@@ -160,7 +153,9 @@ class CifarTask:
     def start(self, step: int, saved_input: dict | None) -> None:
         pass  # the batch of a step is drawn inside the step from (seed, step)
 
-    def train_step(self, state):
+    def train_step(self, state, lr_scale: float = 1.0):
+        if lr_scale != 1.0:  # the CIFAR configs have no host-side lr rule; never silently ignore one
+            raise ValueError("CIFAR-10's train step takes no lr scale")
         return self._train(state, self.train_x, self.train_y, self.mean)
 
     def population_step(self, states, alive):
@@ -174,9 +169,6 @@ class CifarTask:
                 out[name] = step_lib.evaluate(ev, state, split.images, split.labels, self.mean,
                                               self.config.eval_batch_size, self.mesh)
         return out
-
-    def after_eval(self, results: dict, step: int) -> str | None:
-        return None
 
     def input_state(self, step: int) -> dict:
         return {"kind": "cifar10-device", "step": int(step)}
@@ -266,10 +258,6 @@ class ImageNetTask:
         self.event = {"data_dir": src.data_dir, "dataset": src.name, "version": src.version,
                       "train": len(train), "test": len(self.test), "val": len(self.val) if self.val else 0,
                       "mean": config.mean, "loader_workers": self.workers}
-        self.plateau = None
-        if config.lr_schedule == "plateau":
-            self.plateau = schedules.Plateau(config.plateau_patience, config.plateau_min_delta, config.lr_factor,
-                                             config.plateau_max_drops)
         self._it = None
         self._next_step = None
 
@@ -280,19 +268,13 @@ class ImageNetTask:
     def build(self, model, tx, step_cfg) -> None:
         from resflax.data import imagenet  # noqa: PLC0415
 
-        c = self.config
-        boundaries = () if self.plateau is not None else step_cfg.boundaries
-        warmup = schedules.scaled_steps(c.lr_warmup_steps, c.schedule_scale) if c.lr_warmup_steps else 0
-        lr_fn = functools.partial(schedules.linear_warmup_lr, base_lr=step_cfg.base_lr, boundaries=boundaries,
-                                  factor=step_cfg.factor, warmup_steps=warmup)
-
         std = self.std_host  # imported weights' normalisation (e.g. torchvision's); None: the paper's
 
         def finish(images, mean, lighting):
             x = imagenet.finish_batch(images, mean, lighting, xp=jnp)
             return x if std is None else x / std
 
-        self._train = step_lib.make_batch_train_step(model, tx, step_cfg, self.mesh, lr_fn, finish)
+        self._train = step_lib.make_batch_train_step(model, tx, step_cfg, self.mesh, finish)
         self._eval = step_lib.make_eval_step(model, self.mesh, lambda images, mean: finish(images, mean, None),
                                              top5=True)
         self.mean = step_lib.replicate(self.mean_host, self.mesh)
@@ -311,8 +293,6 @@ class ImageNetTask:
                 self.say(f"note: the training set differs from the one this run started with "
                          f"({saved_input.get('num_examples')} -> {want['num_examples']} images, or other "
                          "images): training continues, but will not reproduce an uninterrupted run")
-            if self.plateau is not None and "plateau" in saved_input:
-                self.plateau.load(saved_input["plateau"])
         self._open(step)
 
     def _open(self, step: int) -> None:
@@ -327,18 +307,16 @@ class ImageNetTask:
     def _global(self, local: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(self._sharded, np.ascontiguousarray(local))
 
-    def train_step(self, state):
+    def train_step(self, state, lr_scale: float = 1.0):
+        """One step on the next batch; ``lr_scale`` multiplies the schedule's lr (the plateau rule's drops)."""
         batch = next(self._it)
         self._next_step += 1
         images, lighting, labels = (self._global(batch[k]) for k in ("image", "lighting", "label"))
-        scale = np.float32(self.plateau.scale() if self.plateau is not None else 1.0)
-        return self._train(state, images, lighting, labels, self.mean, scale)
+        return self._train(state, images, lighting, labels, self.mean, np.float32(lr_scale))
 
     def input_state(self, step: int) -> dict:
         out = {"kind": "stream", "step": int(step), "seed": self.config.seed, "num_examples": len(self.train),
                "global_batch": self.config.batch_size, "fingerprint": self.fingerprint}
-        if self.plateau is not None:
-            out["plateau"] = self.plateau.state()
         return out
 
     # ---- evaluation ----------------------------------------------------------------------------------------
@@ -372,16 +350,6 @@ class ImageNetTask:
         if self.val is not None and "val" in splits:
             out["val"] = self._eval_split(state, self.val)
         return out
-
-    def after_eval(self, results: dict, step: int) -> str | None:
-        """The plateau rule (if on): may divide the lr from ``step`` on; returns a message if it did."""
-        if self.plateau is None or "val" not in results:
-            return None
-        if self.plateau.update(results["val"]["error"], step):
-            return (f"held-out error {results['val']['error']:.2f}% has not improved by "
-                    f"{self.config.plateau_min_delta} for {self.config.plateau_patience} evaluations: lr divided "
-                    f"by {1 / self.config.lr_factor:g} from step {step} (drop {len(self.plateau.drops)})")
-        return None
 
     def close(self) -> None:
         it, self._it = self._it, None
