@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from resflax.errors import BadInput
 from resflax.models.registry import parse_name
+from resflax.train import tasks
 from resflax.train import workdir as wd
 from resflax.train.distributed import to_host
 
@@ -64,8 +65,6 @@ def configured(config) -> bool:
 
 def members(config) -> list[Member]:
     """The members a population config names, residual flag major: plain members first, then residual ones."""
-    from resflax.train import tasks  # noqa: PLC0415 (tasks imports the data layer; members is imported by loop)
-
     pop = config.population
     parsed = parse_name(config.model)
     if parsed is None or parsed[0] not in ("cifar", None) or parsed[1] not in ("resnet", "plain") \
