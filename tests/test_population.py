@@ -1,4 +1,5 @@
-"""Populations (``train.population``): K networks in one program, each member exactly its single run."""
+"""Populations (``train.members``, trained by ``train.loop``): K networks in one program, each member exactly its
+single run."""
 
 import json
 import shutil
@@ -10,8 +11,7 @@ from test_train import mock, tiny_config
 
 from resflax import cli
 from resflax.errors import BadInput, DivergenceError
-from resflax.train import loop
-from resflax.train import members as population
+from resflax.train import loop, members
 from resflax.train import state as state_lib
 
 IGNORED = ("img_per_s", "population_img_per_s")
@@ -44,13 +44,13 @@ def pop(tmp_path_factory):
 
 def test_members_named_and_ordered():
     c = pop_config(seeds=(3, 1), residual=(0, 1))
-    assert [(m.name, m.model, m.seed, m.residual) for m in population.members(c)] == [
+    assert [(m.name, m.model, m.seed, m.residual) for m in members.members(c)] == [
         ("plain8-seed3", "plain8", 3, False), ("plain8-seed1", "plain8", 1, False),
         ("resnet8-seed3", "resnet8", 3, True), ("resnet8-seed1", "resnet8", 1, True)]
     # seeds alone: the model's own kind; residual alone: the config's seed
-    assert [m.name for m in population.members(pop_config(seeds=(0, 2), residual=()))] == ["resnet8-seed0",
+    assert [m.name for m in members.members(pop_config(seeds=(0, 2), residual=()))] == ["resnet8-seed0",
                                                                                              "resnet8-seed2"]
-    assert [m.name for m in population.members(pop_config(seeds=(), residual=(1, 0), seed=5))] == [
+    assert [m.name for m in members.members(pop_config(seeds=(), residual=(1, 0), seed=5))] == [
         "resnet8-seed5", "plain8-seed5"]
 
 
@@ -105,6 +105,29 @@ def test_resume_after_a_stop_between_two_members_saves(pop, tmp_path):
     assert [p.name.split("-")[:2] for p in (first / "checkpoints_damaged").iterdir()] == [["6", "ahead"]]
     for m in result["members"]:
         assert lines(d / "members" / m["name"]) == lines(root / "pop" / "members" / m["name"])
+
+
+@pytest.mark.slow
+def test_resume_on_another_device_count_is_recorded_for_every_member(pop, tmp_path, capsys):
+    """The one loop records a device-count change for a population as for a single run: every member's
+    metrics.jsonl gets the devices_changed event (the population's own loop used to write none)."""
+    root, result, _ = pop
+    d = tmp_path / "pop"
+    shutil.copytree(root / "pop", d)
+    for m in result["members"]:
+        shutil.rmtree(d / "members" / m["name"] / "checkpoints" / "6")
+        meta = d / "members" / m["name"] / "checkpoints" / "3" / "meta" / "metadata"
+        saved = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**saved, "devices": saved["devices"] + 1}))
+    capsys.readouterr()
+    with mock():
+        again = loop.train_and_evaluate(pop_config(), str(d))
+    assert again["step"] == 6
+    assert "checkpoint 3 was written on" in capsys.readouterr().out
+    for m in result["members"]:
+        rows = [json.loads(x) for x in (d / "members" / m["name"] / "metrics.jsonl").read_text().splitlines()]
+        ev = [r for r in rows if r.get("event") == "devices_changed"]
+        assert len(ev) == 1 and ev[0]["step"] == 3 and ev[0]["to"] == ev[0]["from"] - 1, m["name"]
 
 
 def _poison(monkeypatch, seeds):
