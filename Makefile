@@ -5,10 +5,15 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 SCHEDULE_SCALE ?= 1.0
-# The shared CIFAR-10 copy beside this checkout is used when TFDS_DATA_DIR is not set.
-ifneq ($(wildcard ../shared/tfds/cifar10),)
-export TFDS_DATA_DIR ?= $(abspath ../shared/tfds)
-endif
+# Where datasets are read and prepared: DATA_DIR=DIR (a TFDS data_dir) is the only place looked at; unset,
+# TFDS's own order ($TFDS_DATA_DIR, then ~/tensorflow_datasets). For CIFAR-10 alone, a copy beside this
+# checkout (../shared/tfds/cifar10) is used when neither DATA_DIR nor TFDS_DATA_DIR is set: it is read, never
+# written (ImageNet is prepared in DATA_DIR or TFDS's default, not there).
+DATA_DIR ?=
+SHARED_TFDS := $(if $(wildcard ../shared/tfds/cifar10),$(abspath ../shared/tfds))
+CIFAR_DATA_DIR := $(or $(DATA_DIR),$(if $(TFDS_DATA_DIR),,$(SHARED_TFDS)))
+cifar_data = $(if $(CIFAR_DATA_DIR),--config.data_dir=$(CIFAR_DATA_DIR))
+data_flag = $(if $(DATA_DIR),--config.data_dir=$(DATA_DIR))
 
 CIFAR_MODELS := resnet20 resnet32 resnet44 resnet56 resnet110 resnet1202 plain20 plain32 plain44 plain56 plain110
 
@@ -38,11 +43,14 @@ $(STAMP): setup.cfg pyproject.toml
 # first). Much of the suite is single-threaded compilation, so on 2 cores two workers gain: 1,124 s against
 # 1,248 s in one process (2026-11-28 code, same machine), 945 s with the -O1 initialisers of 2026-11-29.
 # One process: `.venv/bin/python -m pytest -q`.
+# The real-CIFAR tests read $$TFDS_DATA_DIR: DATA_DIR's, else the shared copy's when it is not set.
+test_env = $(if $(CIFAR_DATA_DIR),TFDS_DATA_DIR=$(CIFAR_DATA_DIR))
+
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+	$(test_env) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(test_env) $(BIN)/python -m pytest -q -m "not slow"
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks experiments
@@ -52,17 +60,19 @@ summary: venv
 
 # Finds CIFAR-10 (config data_dir, $$TFDS_DATA_DIR, ~/tensorflow_datasets); prepares it once if missing.
 data: venv
-	@$(BIN)/resflax prepare-data 2>/dev/null || { \
+	@$(BIN)/resflax prepare-data $(if $(CIFAR_DATA_DIR),--data_dir $(CIFAR_DATA_DIR)) 2>/dev/null || { \
 	  echo "CIFAR-10 not found; installing the preparation extra (TensorFlow) and downloading it once"; \
-	  $(BIN)/python -m pip install -q -e '.[prepare]' && $(BIN)/resflax prepare-data; }
+	  $(BIN)/python -m pip install -q -e '.[prepare]' && \
+	  $(BIN)/resflax prepare-data $(if $(CIFAR_DATA_DIR),--data_dir $(CIFAR_DATA_DIR)); }
 
 # A CPU-sized run: ResNet-20 on a ~600-step scaled schedule, ends with its test error.
 demo: data
-	$(BIN)/resflax train --config=experiments/cifar10.py:runlocal --workdir=runs/demo $(ARGS)
+	$(BIN)/resflax train --config=experiments/cifar10.py:runlocal $(cifar_data) --workdir=runs/demo $(ARGS)
 
 # The paper's recipe (64k iterations) for each CIFAR-10 model; SCHEDULE_SCALE=0.1 scales every step count.
 $(addprefix cifar-,$(CIFAR_MODELS)): cifar-%: data
-	$(BIN)/resflax train --config=experiments/cifar10.py:$*,schedule_scale=$(SCHEDULE_SCALE) --workdir=$(call rundir,$*) $(ARGS)
+	$(BIN)/resflax train --config=experiments/cifar10.py:$*,schedule_scale=$(SCHEDULE_SCALE) $(cifar_data) \
+	  --workdir=$(call rundir,$*) $(ARGS)
 
 # Fig. 6 (plain vs residual at 20..110 layers) and Table 6 (ResNet-20..1202, ResNet-110 over 5 seeds).
 # POPULATION=auto (default): on a GPU/TPU, networks of one depth train together as one population (one program,
@@ -77,12 +87,13 @@ use_population = $(if $(filter yes,$(POPULATION)),yes,$(if $(filter no,$(POPULAT
 comma := ,
 DEGRADATION_POP = for d in $(DEPTHS); do $(BIN)/resflax train \
   --config=experiments/cifar10.py:resnet$$d$(comma)schedule_scale=$(SCHEDULE_SCALE) \
-  --config.population.residual=0$(comma)1 --workdir=$(call rundir,pop$$d) $(ARGS) || exit 1; done
+  --config.population.residual=0$(comma)1 $(cifar_data) --workdir=$(call rundir,pop$$d) $(ARGS) || exit 1; done
 DEGRADATION_SINGLE = for m in $(DEGRADATION); do $(MAKE) --no-print-directory cifar-$$m || exit 1; done
 SEEDS110_POP = $(BIN)/resflax train --config=experiments/cifar10.py:resnet110$(comma)schedule_scale=$(SCHEDULE_SCALE) \
-  --config.population.seeds=0$(comma)1$(comma)2$(comma)3$(comma)4 --workdir=$(call rundir,resnet110-seeds) $(ARGS)
+  --config.population.seeds=0$(comma)1$(comma)2$(comma)3$(comma)4 $(cifar_data) \
+  --workdir=$(call rundir,resnet110-seeds) $(ARGS)
 SEEDS110_SINGLE = for s in 0 1 2 3 4; do $(BIN)/resflax train \
-  --config=experiments/cifar10.py:resnet110$(comma)seed=$$s$(comma)schedule_scale=$(SCHEDULE_SCALE) \
+  --config=experiments/cifar10.py:resnet110$(comma)seed=$$s$(comma)schedule_scale=$(SCHEDULE_SCALE) $(cifar_data) \
   --workdir=$(call rundir,resnet110-seed$$s) $(ARGS) || exit 1; done
 
 cifar-degradation: data
@@ -100,7 +111,7 @@ cifar-table6: data
 # (0.01: 640 steps, lr 0.1 / 0.01 / 0.001 from steps 0 / 320 / 480; about 40 min on 2 idle cores).
 study: data
 	for m in $(STUDY); do $(BIN)/resflax train --config=experiments/cifar10.py:$$m,schedule_scale=$(STUDY_SCHEDULE_SCALE) \
-	  --workdir=runs/study/$$m --config.progress=False --config.eval_every_steps=160 $(ARGS) || exit 1; done
+	  $(cifar_data) --workdir=runs/study/$$m --config.progress=False --config.eval_every_steps=160 $(ARGS) || exit 1; done
 	$(BIN)/resflax report $(addprefix runs/study/,$(STUDY)) --out docs/study
 	$(BIN)/resflax responses --workdir $(addprefix runs/study/,$(STUDY)) --out docs/study
 
@@ -108,16 +119,17 @@ study: data
 # MANUAL_DIR=DIR`, DIR holding ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar). Runs need a GPU/TPU host.
 imagenet-data: venv
 	$(BIN)/python -m pip install -q -e '.[prepare]'
-	$(BIN)/resflax prepare-data --dataset imagenet2012 $(if $(MANUAL_DIR),--manual_dir $(MANUAL_DIR))
+	$(BIN)/resflax prepare-data --dataset imagenet2012 $(if $(DATA_DIR),--data_dir $(DATA_DIR)) \
+	  $(if $(MANUAL_DIR),--manual_dir $(MANUAL_DIR))
 
 $(addprefix imagenet-,$(IMAGENET_MODELS)): imagenet-%: venv
-	$(BIN)/resflax train --config=experiments/imagenet.py:$*,schedule_scale=$(SCHEDULE_SCALE) \
+	$(BIN)/resflax train --config=experiments/imagenet.py:$*,schedule_scale=$(SCHEDULE_SCALE) $(data_flag) \
 	  --workdir=$(call inrundir,$*) $(ARGS)
 
 # Table 3's ResNet-34 with projection shortcuts: B (where the shape changes) and C (everywhere)
 imagenet-resnet34-B imagenet-resnet34-C: imagenet-resnet34-%: venv
 	$(BIN)/resflax train --config=experiments/imagenet.py:resnet34,shortcut=$*,schedule_scale=$(SCHEDULE_SCALE) \
-	  --workdir=$(call inrundir,resnet34-$*) $(ARGS)
+	  $(data_flag) --workdir=$(call inrundir,resnet34-$*) $(ARGS)
 
 # The ImageNet pipeline on a CPU in about a minute: a small dataset of real photographs, then the :tiny config.
 imagenet-tiny: venv

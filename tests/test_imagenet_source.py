@@ -95,15 +95,19 @@ def test_imagenet2012_is_read_from_its_files_at_any_version(tmp_path):
 
 
 def test_a_dataset_not_in_array_record_format_is_named(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("TFDS_DATA_DIR", tiny.data_dir)  # a usable copy later in the search order wins
     shutil.copytree(tiny.data_dir, tmp_path, dirs_exist_ok=True)
     info = tmp_path / tiny_imagenet.NAME / "1.0.0" / "dataset_info.json"
     info.write_text(json.dumps({**json.loads(info.read_text()), "fileFormat": "tfrecord"}))
-    assert imagenet_source.open_source(tiny_imagenet.NAME, str(tmp_path)).data_dir == tiny.data_dir
-    monkeypatch.delenv("TFDS_DATA_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # an explicit data_dir is the only place looked at: a usable copy elsewhere is not taken instead
+    monkeypatch.setenv("TFDS_DATA_DIR", tiny.data_dir)
     with pytest.raises(DataError, match="stored as tfrecord, not ArrayRecord"):
         imagenet_source.open_source(tiny_imagenet.NAME, str(tmp_path))
+    # without one, the search order goes on past an unusable copy
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    (tmp_path / "home" / "tensorflow_datasets").mkdir(parents=True)
+    shutil.copytree(tiny.data_dir, tmp_path / "home" / "tensorflow_datasets", dirs_exist_ok=True)
+    assert imagenet_source.open_source(tiny_imagenet.NAME).data_dir == str(tmp_path / "home" / "tensorflow_datasets")
 
 
 def test_the_grain_pipeline_reads_it(tiny):
@@ -119,10 +123,13 @@ def test_a_missing_dataset_names_the_dirs_tried_and_how_to_prepare(tmp_path, mon
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(DataError) as e:
         imagenet_source.open_source("imagenet2012", str(tmp_path / "given"))
-    msg = str(e.value)
-    dirs = [str(tmp_path / d) for d in ("given", "env", "home/tensorflow_datasets")]
-    assert f"not found in: {', '.join(dirs)}" in msg and "ILSVRC2012_img_train.tar" in msg and "prepare-data" in msg
+    msg = str(e.value)  # an explicit data_dir is the only place looked at
+    assert f"not found in: {tmp_path / 'given'};" in msg and "ILSVRC2012_img_train.tar" in msg and "prepare-data" in msg
     assert len(msg.splitlines()) == 1
+    with pytest.raises(DataError) as e:
+        imagenet_source.open_source("imagenet2012")
+    dirs = [str(tmp_path / d) for d in ("env", "home/tensorflow_datasets")]
+    assert f"not found in: {', '.join(dirs)};" in str(e.value)
     with pytest.raises(DataError, match="make-tiny-imagenet"):
         imagenet_source.open_source("resflax_tiny_jpeg", str(tmp_path / "given"))
 

@@ -218,12 +218,17 @@ def test_cli_bad_input_one_line_nonzero_nothing_written(tmp_path):
 
 
 def test_cli_missing_data(tmp_path):
+    """An explicit data_dir is the only place looked at; without one, $TFDS_DATA_DIR and ~/tensorflow_datasets."""
+    env = {"TFDS_DATA_DIR": str(tmp_path / "nodata2"), "HOME": str(tmp_path)}
     r = cli("train", "--config=experiments/cifar10.py:resnet8", f"--workdir={tmp_path / 'w'}",
-            f"--config.data_dir={tmp_path / 'nodata'}",
-            env={"TFDS_DATA_DIR": str(tmp_path / "nodata2"), "HOME": str(tmp_path)})
+            f"--config.data_dir={tmp_path / 'nodata'}", env=env)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
-    assert "not found" in last and "nodata2" in last
+    assert f"not found in: {tmp_path / 'nodata'}." in last and "nodata2" not in last, last
+    assert not (tmp_path / "w").exists()
+    r = cli("train", "--config=experiments/cifar10.py:resnet8", f"--workdir={tmp_path / 'w'}", env=env)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "nodata2" in last and "tensorflow_datasets" in last, last
     assert not (tmp_path / "w").exists()
 
 

@@ -2,7 +2,9 @@
 honest messages on resumption and on a signal before the first step."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from test_schedules import load_experiment
@@ -111,3 +113,23 @@ def test_a_run_made_before_mean_and_std_existed_still_resumes(tmp_path):
     wd.check_experiment(tmp_path, {**old, "mean": "pixel", "std": None})
     with pytest.raises(WorkdirError, match="different experiment"):
         wd.check_experiment(tmp_path, {**old, "mean": "channel", "std": [0.229, 0.224, 0.225]})
+
+
+def test_make_puts_data_where_the_user_says():
+    """``DATA_DIR=DIR`` is where every make target reads and prepares data; the shared CIFAR-10 copy beside the
+    checkout is only read, for CIFAR-10, and never becomes the place ImageNet is prepared in."""
+    import subprocess  # noqa: PLC0415 (this test only)
+
+    root = Path(__file__).resolve().parents[1]
+
+    def dry(*args):
+        env = {k: v for k, v in os.environ.items() if k not in ("TFDS_DATA_DIR", "DATA_DIR", "MAKEFLAGS")}
+        return subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=root, env=env, capture_output=True,
+                              text=True, check=True).stdout
+
+    for target in ("imagenet-data", "imagenet-resnet50", "imagenet-resnet34-B", "demo", "cifar-resnet20", "data"):
+        out = dry(target, "DATA_DIR=/data/tfds")
+        assert "/data/tfds" in out, (target, out)
+        assert "shared" not in out, (target, out)
+    for target in ("imagenet-data", "imagenet-resnet50"):
+        assert "shared" not in dry(target), target

@@ -4,7 +4,7 @@ Each split is decoded once into a uint8 array in memory; augmentation happens on
 (``resflax.data.augment``). Decoding the 60,000 images takes 20-40 s (TFDS's per-example decoding, one core),
 so the decoded arrays are cached (``load(cache_dir=...)``: ``~/.cache/resflax`` by default from the CLI) and
 later starts, resumptions and ``resflax eval`` read them in a fraction of a second. Where the data lives
-follows TFDS: an explicit ``data_dir``, then ``$TFDS_DATA_DIR``, then ``~/tensorflow_datasets``.
+follows TFDS: an explicit ``data_dir`` (alone), else ``$TFDS_DATA_DIR``, then ``~/tensorflow_datasets``.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ class Cifar10:
 
 
 def candidate_dirs(data_dir: str | None = None) -> list[str]:
-    """The TFDS data_dirs searched, in order."""
-    dirs = []
+    """The TFDS data_dirs searched, in order: an explicit ``data_dir`` is the only one (a dataset that is not
+    there is not looked for elsewhere); without it ``$TFDS_DATA_DIR``, then ``~/tensorflow_datasets``."""
     if data_dir:
-        dirs.append(str(Path(data_dir).expanduser()))
+        return [str(Path(data_dir).expanduser())]
+    dirs = []
     if os.environ.get("TFDS_DATA_DIR"):
         dirs.append(str(Path(os.environ["TFDS_DATA_DIR"]).expanduser()))
     dirs.append(str(Path("~/tensorflow_datasets").expanduser()))

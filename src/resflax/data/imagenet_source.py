@@ -76,8 +76,9 @@ def _source(builder, name: str, data_dir: str) -> ImageNetSource:
 
 
 def open_source(name: str = IMAGENET, data_dir: str | None = None) -> ImageNetSource:
-    """The first candidate data_dir (``data_dir``, ``$TFDS_DATA_DIR``, ``~/tensorflow_datasets``) holding
-    ``name`` in ArrayRecord format, with its latest version there; ``DataError`` if none does."""
+    """The first candidate data_dir (an explicit ``data_dir`` alone, else ``$TFDS_DATA_DIR``,
+    ``~/tensorflow_datasets``) holding ``name`` in ArrayRecord format, with its latest version there;
+    ``DataError`` if none does."""
     from tensorflow_datasets.core import read_only_builder, registered  # noqa: PLC0415
 
     tried, unusable = candidate_dirs(data_dir), []
