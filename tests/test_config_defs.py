@@ -75,3 +75,28 @@ if __name__ == "__main__":  # writes the snapshot (only ever from the code befor
     sys.path.insert(0, str(ROOT / "src"))
     rows = [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in all_snapshots().items()]
     SNAPSHOT.write_text("{\n" + ",\n".join(rows) + "\n}\n")
+
+
+def test_resumable_and_added_keys_are_those_of_before():
+    from resflax import configs  # noqa: PLC0415
+    from resflax.train import workdir as wd  # noqa: PLC0415
+
+    assert wd.RESUMABLE_KEYS == configs.RESUMABLE_KEYS == {
+        "data_dir", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress", "eval_every_steps",
+        "eval_batch_size", "num_steps", "distributed", "coordinator_address", "num_processes", "process_id",
+        "preemption_check_every_steps", "peer_timeout_s", "loader_workers", "loader_threads", "mean_cache_dir",
+        "multiscale_scales"}
+    assert wd.ADDED_KEYS == configs.ADDED_KEYS == {
+        "mean": "pixel", "std": None, "population": {"seeds": [], "residual": [], "vectorize": "auto"}}
+
+
+def test_every_experiment_key_is_defined_once_with_its_type():
+    from resflax import configs  # noqa: PLC0415
+
+    for name in configs.EXPERIMENTS:
+        c = load(name).get_config(None)
+        flat = set()
+        for k, v in c.items():  # a group's keys as population.seeds, ...
+            flat |= {f"{k}.{sub}" for sub in v.keys()} if hasattr(v, "keys") else {k}
+        assert flat == {k.name for k in configs.keys_of(name)}, name
+        configs.validate(c)  # the defaults are valid
