@@ -3,8 +3,14 @@ configs they were before (a frozen snapshot), and config errors are one line."""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
+
+import ml_collections
+import pytest
+
+from resflax import configs
+from resflax.errors import BadInput
+from resflax.train import workdir as wd
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "data" / "configs_before.json"
@@ -71,16 +77,12 @@ def test_experiments_are_the_configs_they_were():
         assert (got[k]["locked"], got[k]["type_safe"]) == (want[k]["locked"], want[k]["type_safe"]), k
 
 
-if __name__ == "__main__":  # writes the snapshot (only ever from the code before the refactor)
-    sys.path.insert(0, str(ROOT / "src"))
+if __name__ == "__main__":  # wrote the snapshot, from the code before the refactor (commit 984bf9c)
     rows = [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in all_snapshots().items()]
     SNAPSHOT.write_text("{\n" + ",\n".join(rows) + "\n}\n")
 
 
 def test_resumable_and_added_keys_are_those_of_before():
-    from resflax import configs  # noqa: PLC0415
-    from resflax.train import workdir as wd  # noqa: PLC0415
-
     assert wd.RESUMABLE_KEYS == configs.RESUMABLE_KEYS == {
         "data_dir", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress", "eval_every_steps",
         "eval_batch_size", "num_steps", "distributed", "coordinator_address", "num_processes", "process_id",
@@ -91,8 +93,6 @@ def test_resumable_and_added_keys_are_those_of_before():
 
 
 def test_every_experiment_key_is_defined_once_with_its_type():
-    from resflax import configs  # noqa: PLC0415
-
     for name in configs.EXPERIMENTS:
         c = load(name).get_config(None)
         flat = set()
@@ -100,3 +100,38 @@ def test_every_experiment_key_is_defined_once_with_its_type():
             flat |= {f"{k}.{sub}" for sub in v.keys()} if hasattr(v, "keys") else {k}
         assert flat == {k.name for k in configs.keys_of(name)}, name
         configs.validate(c)  # the defaults are valid
+
+
+def test_validate_refuses_each_bad_value_in_one_line():
+
+    cases = {
+        "dtype": ("float64", "dtype must be 'float32' or 'bfloat16'"),
+        "weight_decay_on": ("bias", "weight_decay_on must be 'all' or 'kernels'"),
+        "batch_size": (0, "batch_size must be positive"),
+        "peer_timeout_s": (-1, "peer_timeout_s must be positive"),
+        "schedule_scale": (0.0, "schedule_scale must be positive"),
+        "scan_min_blocks": (-1, "scan_min_blocks must be >= 0"),
+        "mean": ("median", "mean must be 'pixel' or 'channel'"),
+        "std": ((0.2, 0.2), "std must be 3 numbers > 0 or None"),
+        "lr_schedule": ("cosine", "lr_schedule must be 'fixed' or 'plateau'"),
+        "lr_scaling": ("sqrt", "lr_scaling must be 'none' or 'linear'"),
+        "loader_workers": (-2, "loader_workers must be >= -1"),
+        "loader_threads": (-1, "loader_threads must be >= 0"),
+        "lr_warmup_steps": (-5, "lr_warmup_steps must be >= 0"),
+        "population.vectorize": ("pmap", "population.vectorize must be 'auto', 'vmap' or 'loop'"),
+        "seed": (None, "seed must be an integer"),
+    }
+    for key, (value, words) in cases.items():
+        imagenet = configs.KEYS[key].only == "imagenet"
+        c = load("imagenet").get_config("tiny") if imagenet else load("cifar10").get_config("resnet8")
+        *group, last = key.split(".")
+        (c[group[0]] if group else c)[last] = value
+        with pytest.raises(BadInput) as e:
+            configs.validate(c)
+        assert str(e.value).startswith(words) and "\n" not in str(e.value), (key, str(e.value))
+    # a config.json's lists (tuples in the experiment), an older one without the added keys: valid
+    old = json.loads(load("cifar10").get_config("resnet20").to_json())
+    for k in ("mean", "std", "population", "peer_timeout_s"):
+        del old[k]
+    configs.validate(ml_collections.ConfigDict(old))
+    configs.validate(ml_collections.ConfigDict(json.loads(load("imagenet").get_config("tiny").to_json())))
