@@ -3,6 +3,7 @@ configs they were before (a frozen snapshot), and config errors are one line."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -135,3 +136,56 @@ def test_validate_refuses_each_bad_value_in_one_line():
         del old[k]
     configs.validate(ml_collections.ConfigDict(old))
     configs.validate(ml_collections.ConfigDict(json.loads(load("imagenet").get_config("tiny").to_json())))
+
+
+def test_configs_and_experiments_load_without_jax():
+    import subprocess  # noqa: PLC0415
+
+    code = ("import sys, resflax.configs, resflax.train.workdir, importlib.util as u\n"
+            "for n in ('cifar10', 'imagenet'):\n"
+            f"    s = u.spec_from_file_location(n, {str(ROOT / 'experiments')!r} + f'/{{n}}.py')\n"
+            "    m = u.module_from_spec(s); s.loader.exec_module(m); m.get_config()\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('jax', 'flax', 'tensorflow')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:] + r.stdout
+
+
+def test_unknown_config_key_is_one_line_with_the_close_match(tmp_path, capsys):
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    w = tmp_path / "w"
+    r = subprocess.run([sys.executable, "-m", "resflax.cli", "train", "--config=experiments/cifar10.py:resnet8",
+                        f"--workdir={w}", "--config.batchsize=3"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.splitlines() == ["resflax: error: unknown config key 'batchsize' (did you mean 'batch_size'?)"]
+    assert not w.exists()
+    from resflax import cli  # noqa: PLC0415
+
+    for arg, line in [("--config.nonsense_key=1", "unknown config key 'nonsense_key'"),
+                      ("--config.population.seedz=1", "unknown config key 'population.seedz' (did you mean "
+                                                      "'population.seeds'?)"),
+                      ("--config.populatio.seeds=1", "unknown config key 'populatio.seeds' (did you mean "
+                                                     "'population.seeds'?)")]:
+        assert cli.main(["train", "--config=experiments/cifar10.py:resnet8", f"--workdir={w}", arg]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"resflax: error: {line}"], arg
+        assert not w.exists()
+
+
+def test_train_help_lists_the_keys_of_each_experiment(capsys):
+    from resflax import cli  # noqa: PLC0415
+
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    only = {name: out.split(f"only in {path}")[1].split("only in")[0] for name, path in configs.EXPERIMENTS.items()}
+    for k in configs.KEYS.values():
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"--config.{k.name} "))
+        assert f"= {k.default!r}  # {k.help}" in line, line
+        assert (f"--config.{k.name} " in only[k.only]) if k.only else not any(
+            f"--config.{k.name} " in o for o in only.values()), k.name
+    assert "resflax train --help --config=experiments/imagenet.py" in out
+    assert cli.main(["train", "--help", "--config=experiments/imagenet.py:tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "--config.batch_size" in out and "= 16  # global batch" in out and "population" not in out
+    assert f"# {configs.KEYS['lr_schedule'].help}" in out
