@@ -40,85 +40,28 @@ Arguments after ``:``: the model, then ``key=value`` settings named like the con
 
 import ml_collections
 
+from resflax import configs
 from resflax.configs import parse_arg
 
 TABLE2 = ("plain18", "plain34", "resnet18", "resnet34")  # option A in the paper's Table 2
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The base config (``resflax.configs.KEYS``, with the ImageNet keys) with this recipe's settings."""
     a = parse_arg(arg or "resnet50", model="resnet50", seed=0, shortcut="", val_examples=0, schedule_scale=1.0)
     tiny = a.model == "tiny"
-    c = ml_collections.ConfigDict()
-    c.model = "resnet18" if tiny else a.model
-    # A: zero-padding shortcuts; B: projections where the shape changes; C: projections everywhere
-    c.shortcut = a.shortcut or ("A" if c.model in TABLE2 else "B")
-    c.pad_layout = "append"  # option A: zero channels after the real ones
-    c.stride_on_3x3 = False  # False: v1 (the paper); True: v1.5 (torchvision's weights)
-    c.zero_init_last_bn = False
-    c.impl = ml_collections.config_dict.placeholder(str)  # layer implementation: "fast" (default) or "flax"
-    c.scan_min_blocks = ml_collections.config_dict.placeholder(int)  # see experiments/cifar10.py
-    c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters and BN statistics
-    c.num_classes = ml_collections.config_dict.placeholder(int)  # None: the dataset's
-
-    # Data: a TFDS dataset of encoded images with train/validation splits, read as ArrayRecord.
-    c.dataset = "resflax_tiny_jpeg" if tiny else "imagenet2012"
-    c.data_dir = ml_collections.config_dict.placeholder(str)  # else $TFDS_DATA_DIR, ~/tensorflow_datasets
-    c.val_examples = a.val_examples  # training images held out (the plateau rule watches them); 0 = none
-    c.crop = "scale"  # "scale": the paper's [256, 480] scale augmentation; "inception": random-resized crop
-    # shorter side before the crop, uniform, inclusive
-    c.scale_range = (128, 240) if tiny else (256, 512) if a.model.startswith("vgg") else (256, 480)
-    c.image_size = 112 if tiny else 224  # crop side
-    c.eval_resize = 128 if tiny else 256  # evaluation: shorter side, then the centre crop
-    c.flip = True
-    c.lighting_std = 0.1  # AlexNet PCA lighting, alpha ~ N(0, lighting_std); 0 = off
-    c.draft = True  # let libjpeg downscale in the DCT domain when the target is <= half the stored size
-    c.resample = "bilinear"  # or "bicubic"
-    c.mean = "pixel"  # "pixel": per-pixel mean image of training crops (cached); "channel": per-channel mean
-    # resflax eval --protocol=multiscale: shorter sides of the fully-convolutional test (the paper's five)
-    c.multiscale_scales = (112, 128, 192, 240, 320) if tiny else (224, 256, 384, 480, 640)
-    # divide by this per-channel std after subtracting the mean: None (the paper); imported torchvision/timm
-    # weights set (0.229, 0.224, 0.225) with mean="channel" (their normalisation travels with them)
-    c.std = ml_collections.config_dict.placeholder(tuple)
-    c.mean_images = 10_000  # training images averaged for the per-pixel mean
-    c.mean_cache_dir = ml_collections.config_dict.placeholder(str)  # None: $XDG_CACHE_HOME/resflax or ~/.cache/resflax
-    c.loader_workers = 0 if tiny else -1  # grain worker processes per host; -1: one per core but one (<= 32)
-    c.loader_threads = 0  # extra reader threads per worker (Pillow releases the GIL)
-
-    c.seed = a.seed  # fixes initialisation, data order and augmentation
-    c.batch_size = 16 if tiny else 256  # global batch, split over processes and devices
-    c.eval_batch_size = 16 if tiny else 250
-    c.schedule_scale = a.schedule_scale  # multiplies num_steps, lr_boundaries and lr_warmup_steps
-    c.num_steps = 30 if tiny else 600_000
-    vgg = c.model.startswith("vgg")
-    c.base_lr = 0.01 if vgg else 0.1
-    c.lr_schedule = "fixed"  # "fixed": drops at lr_boundaries; "plateau": drops when the held-out error stalls
-    c.lr_boundaries = (15, 25) if tiny else (150_000, 300_000, 450_000)  # fixed schedule: epochs 30, 60, 90
-    c.lr_factor = 0.1
-    c.plateau_patience = 3  # evaluations without improvement before a drop
-    c.plateau_min_delta = 0.1  # improvement (top-1 points) that counts
-    c.plateau_max_drops = 3
-    c.lr_scaling = "none"  # "linear": lr = base_lr * batch_size / lr_reference_batch
-    c.lr_reference_batch = 256
-    c.lr_warmup_steps = 0  # gradual linear warm-up (steps, before schedule_scale); 0 = none
-    c.momentum = 0.9
-    c.weight_decay = 5e-4 if vgg else 1e-4
-    c.weight_decay_on = "all"  # or "kernels" (conv/fc kernels only)
-    c.warmup = False  # the CIFAR ResNet-110 rule; not used on ImageNet (see lr_warmup_steps)
-    c.warmup_lr = 0.01
-    c.warmup_until_error = 0.8
-
-    c.bn_sync = False  # True: BN statistics over the global batch; False: per device (as the paper's GPUs)
-    c.num_devices = 0  # devices to use; 0 = all
-    c.distributed = ml_collections.config_dict.placeholder(str)  # see experiments/cifar10.py
-    c.coordinator_address = ml_collections.config_dict.placeholder(str)
-    c.num_processes = ml_collections.config_dict.placeholder(int)
-    c.process_id = ml_collections.config_dict.placeholder(int)
-    c.preemption_check_every_steps = 10
-    c.peer_timeout_s = 30
-
-    c.checkpoint_every_steps = 10 if tiny else 5000  # also at the end and on SIGTERM/SIGINT
-    c.keep_checkpoints = 3
-    c.eval_every_steps = 10 if tiny else 0  # 0 = once per epoch
-    c.log_every_steps = 5 if tiny else 100
-    c.progress = True
+    model = "resnet18" if tiny else a.model
+    c = configs.build(
+        "imagenet", model=model, shortcut=a.shortcut or ("A" if model in TABLE2 else "B"), dataset="imagenet2012",
+        seed=a.seed, val_examples=a.val_examples, schedule_scale=a.schedule_scale,
+        batch_size=256, eval_batch_size=250, num_steps=600_000,
+        lr_boundaries=(150_000, 300_000, 450_000),  # the fixed schedule: epochs 30, 60, 90 of 120
+        checkpoint_every_steps=5000, log_every_steps=100)
+    if model.startswith("vgg"):  # VGG's own paper's settings
+        c.update(base_lr=0.01, weight_decay=5e-4, scale_range=(256, 512))
+    if tiny:  # a CPU-sized run on `resflax make-tiny-imagenet`'s dataset
+        c.update(dataset="resflax_tiny_jpeg", scale_range=(128, 240), image_size=112, eval_resize=128,
+                 multiscale_scales=(112, 128, 192, 240, 320), loader_workers=0, batch_size=16, eval_batch_size=16,
+                 num_steps=30, lr_boundaries=(15, 25), checkpoint_every_steps=10, eval_every_steps=10,
+                 log_every_steps=5)
     return c

@@ -82,7 +82,8 @@ _KEY_LINE = re.compile(r"^\s*c\.(\w+(?:\.\w+)*)\s*=.*?#\s*(.*)$")
 
 
 def _key_help(path: Path) -> dict[str, str]:
-    """The trailing comment of each ``c.KEY = ...  # comment`` line of a config file: its keys' help."""
+    """The trailing comment of each ``c.KEY = ...  # comment`` line of a config file: the help of keys that
+    ``resflax.configs.KEYS`` does not define (a config file of one's own)."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -90,17 +91,33 @@ def _key_help(path: Path) -> dict[str, str]:
     return {m.group(1): m.group(2) for ln in lines if (m := _KEY_LINE.match(ln))}
 
 
+def _print_keys(values: dict[str, Any], helps: dict[str, str], width: int = 0) -> None:
+    width = width or max((len(k) for k in values), default=0)
+    for key, value in values.items():
+        note = f"  # {helps[key]}" if helps.get(key) else ""
+        print(f"  --config.{key:<{width}} = {value!r}{note}")
+
+
 def _train_help(argv: list[str]) -> int:
+    """``resflax train --help``: the keys of ``--config``'s experiment with its values, or (without it) every
+    key of ``resflax.configs.KEYS`` with the base defaults, by experiment."""
     from absl import flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
+    from resflax import configs  # noqa: PLC0415
+
     print(TRAIN_USAGE)
+    helps = {k.name: k.help for k in configs.KEYS.values()}
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    default = Path(__file__).resolve().parents[2] / "experiments" / "cifar10.py"
-    if spec is None and default.exists():
-        spec = f"{default}:resnet20"
     if spec is None:
-        print("(give --config=FILE[:ARG] to list its keys)")
+        print("config keys with the base config's defaults (resflax.configs.KEYS); an experiment overrides some\n"
+              "(ImageNet's batch_size is 256, ...): `resflax train --help --config=FILE[:ARG]` lists the keys of\n"
+              "an experiment with its values.\n\nevery experiment's:")
+        width = max(len(k) for k in configs.KEYS)
+        _print_keys({k.name: k.default for k in configs.keys_of(None) if k.only is None}, helps, width)
+        for name, path in configs.EXPERIMENTS.items():
+            print(f"\nonly in {path} (resflax train --help --config={path}):")
+            _print_keys({k.name: k.default for k in configs.keys_of(None) if k.only == name}, helps, width)
         return 0
     path = Path(spec.split(":", 1)[0])
     fl = flags.FlagValues()
@@ -112,7 +129,6 @@ def _train_help(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 (help must not crash on a broken config)
         raise BadInput(f"cannot load config {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
-    helps = _key_help(path)
     print(f"config keys of {spec} (default values):")
     flat = {}
     for key, value in config.items():  # nested groups (population) as population.seeds, ...
@@ -120,11 +136,7 @@ def _train_help(argv: list[str]) -> int:
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
-    config = flat
-    width = max((len(k) for k in config), default=0)
-    for key, value in config.items():
-        note = f"  # {helps[key]}" if key in helps else ""
-        print(f"  --config.{key:<{width}} = {value!r}{note}")
+    _print_keys(flat, {**_key_help(path), **helps})
     return 0
 
 
@@ -152,8 +164,34 @@ def _parse_config(prog: str, argv: list[str], define) -> tuple[Any, list[str]]:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise BadInput(f"bad config: {next((ln for ln in lines if 'Errno' in ln), lines[0] if lines else e)}") from None
     except (ValueError, KeyError, AttributeError, TypeError) as e:
-        raise BadInput(f"bad config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise BadInput(_unknown_key(e, argv) or
+                       f"bad config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return fl, rest[1:]
+
+
+_NO_KEY = re.compile(r"""^'(?P<key>[^']+)'(?:\nDid you mean "(?P<near>[^"]+)" instead of "[^"]+"\?)?$""")
+
+
+def _unknown_key(err: Exception, argv: list[str]) -> str | None:
+    """One line for a ``--config.KEY=VALUE`` whose KEY the config lacks (ml-collections' KeyError names the
+    missing part, with a close match on a second line), naming the whole key and the close match; None for
+    any other error."""
+    if isinstance(err, AttributeError) and err.args and isinstance(err.args[0], KeyError):
+        err = err.args[0]  # ConfigDict's attribute access wraps the KeyError
+    text = err.args[0] if isinstance(err, KeyError) and err.args else None
+    m = _NO_KEY.match(text) if isinstance(text, str) else None
+    if m is None:
+        return None
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        parts = a[len("--config."):].split("=", 1)[0].split(".")
+        if m["key"] in parts:
+            i = parts.index(m["key"])
+            key = ".".join(parts)
+            near = f" (did you mean {'.'.join([*parts[:i], m['near'], *parts[i + 1:]])!r}?)" if m["near"] else ""
+            return f"unknown config key {key!r}{near}"
+    return None
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from resflax import configs
 from resflax.errors import BadInput, DivergenceError
 from resflax.models import get_model, model_fields
 from resflax.train import distributed, schedules, tasks
@@ -62,14 +63,7 @@ def _plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
     if config.dtype == "float16":
         raise BadInput("dtype float16 needs loss scaling, which resflax does not implement; use bfloat16 (float32 "
                        "range, no scaling needed) or float32")
-    if config.dtype not in DTYPES:
-        raise BadInput(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    if config.weight_decay_on not in ("all", "kernels"):
-        raise BadInput(f"weight_decay_on must be 'all' or 'kernels', got {config.weight_decay_on!r}")
-    for key in ("batch_size", "num_steps", "eval_batch_size", "checkpoint_every_steps", "log_every_steps",
-                "keep_checkpoints", "preemption_check_every_steps", "peer_timeout_s"):
-        if config.get(key, 1) <= 0:
-            raise BadInput(f"{key} must be positive, got {config[key]}")
+    configs.validate(config)  # every key's type, range and choices (resflax.configs.KEYS)
     overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
                      zero_init_last_bn=config.zero_init_last_bn, dtype=DTYPES[config.dtype],
                      bn_axis_name=step_lib.AXIS if config.bn_sync else None)
@@ -77,8 +71,6 @@ def _plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
         if config.get(key) is not None:
             overrides[key] = config[key]
     if config.get("scan_min_blocks") is not None:
-        if config.scan_min_blocks < 0:
-            raise BadInput(f"scan_min_blocks must be >= 0 (0: never scan), got {config.scan_min_blocks}")
         overrides["scan_min_blocks"] = config.scan_min_blocks or None
     if locate_data:
         data_dir, num_classes = tasks.locate(config)
@@ -94,8 +86,6 @@ def _plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
     if config.batch_size % ndev:
         raise BadInput(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
     mesh = step_lib.make_mesh(ndev)
-    if config.schedule_scale <= 0:
-        raise BadInput(f"schedule_scale must be positive, got {config.schedule_scale}")
     num_steps, boundaries, schedule = schedules.from_config(config)
     step_cfg = step_lib.StepConfig(batch_size=config.batch_size, schedule=schedule)
     return Plan(model, mesh, num_steps, boundaries, step_cfg, data_dir)

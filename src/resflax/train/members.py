@@ -39,14 +39,14 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resflax import configs
 from resflax.errors import BadInput
 from resflax.models.registry import parse_name
 from resflax.train import tasks
 from resflax.train import workdir as wd
 from resflax.train.distributed import to_host
 
-VECTORIZE = ("auto", "vmap", "loop")
-SINGLE = {"seeds": [], "residual": [], "vectorize": "auto"}  # a single run's population settings
+SINGLE = configs.ADDED_KEYS["population"]  # a single run's population settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +94,7 @@ def member_config(cfg_dict: dict, member: Member) -> dict:
 
 
 def resolve_vectorize(v: str) -> str:
-    if v not in VECTORIZE:
-        raise BadInput(f"population.vectorize must be one of {VECTORIZE}, got {v!r}")
+    configs.check("population.vectorize", v)
     if v == "auto":
         return "loop" if jax.default_backend() == "cpu" else "vmap"
     return v

@@ -60,27 +60,17 @@ def locate(config) -> tuple[str, int | None]:
 
 
 def validate(config, model) -> None:
-    """Checks the task-specific settings (``BadInput``)."""
-    if config.get("mean", "pixel") not in ("pixel", "channel"):
-        raise BadInput(f"mean must be 'pixel' or 'channel', got {config.mean!r}")
-    std = config.get("std")
-    if std is not None and (len(std) != 3 or min(std) <= 0):
-        raise BadInput(f"std must be three positive numbers (per channel) or None, got {std!r}")
+    """Checks that the settings fit the task (``BadInput``); each value's own type, range and choices are
+    ``configs.validate``'s (``loop.plan`` calls it first)."""
     if is_cifar(config):
         if model.stem != "cifar":
             raise BadInput(f"model {config.model!r} is an ImageNet model; CIFAR-10 needs a CIFAR model")
         return
     if model.stem == "cifar":
         raise BadInput(f"model {config.model!r} is a CIFAR model; {config.dataset} needs an ImageNet model")
-    preprocess(config)  # its own checks
-    if config.lr_schedule not in ("fixed", "plateau"):
-        raise BadInput(f"lr_schedule must be 'fixed' or 'plateau', got {config.lr_schedule!r}")
+    preprocess(config)  # its own checks (crop, resample, scale_range against image_size)
     if config.lr_schedule == "plateau" and not config.val_examples:
         raise BadInput("lr_schedule='plateau' watches a held-out split: set val_examples (e.g. 10000)")
-    if config.lr_scaling not in ("none", "linear"):
-        raise BadInput(f"lr_scaling must be 'none' or 'linear', got {config.lr_scaling!r}")
-    if config.loader_workers < -1 or config.loader_threads < 0 or config.lr_warmup_steps < 0:
-        raise BadInput("loader_workers must be >= -1 (-1: automatic), loader_threads and lr_warmup_steps >= 0")
     if config.get("warmup"):
         raise BadInput("warmup (the CIFAR ResNet-110 rule) does not apply to ImageNet; use lr_warmup_steps")
 

@@ -10,16 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from resflax.configs import ADDED_KEYS, RESUMABLE_KEYS
 from resflax.errors import WorkdirError, WriteError
 from resflax.train import tbevents
 
-# Config keys that may change between a run and its resumption without making it another experiment.
-RESUMABLE_KEYS = frozenset(
-    {"data_dir", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress", "eval_every_steps",
-     "eval_batch_size", "num_steps", "distributed", "coordinator_address", "num_processes", "process_id",
-     "preemption_check_every_steps", "peer_timeout_s", "loader_workers", "loader_threads", "mean_cache_dir",
-     "multiscale_scales"}
-)
+# The experiment's identity, from the config keys' definition (resflax.configs.KEYS; importable from here
+# too): RESUMABLE_KEYS may change between a run and its resumption without making it another experiment; a
+# config.json without one of ADDED_KEYS (keys added after runs were made) means that key's value there.
 
 
 class Lock:
@@ -81,11 +78,6 @@ def _parse(line: str) -> dict[str, Any] | None:
     except ValueError:  # a line torn by a kill mid-write
         return None
     return rec if isinstance(rec, dict) else None
-
-
-# Keys added to the configs after runs were made: a config.json without one means its value here.
-ADDED_KEYS = {"mean": "pixel", "std": None,
-              "population": {"seeds": [], "residual": [], "vectorize": "auto"}}
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
