@@ -287,7 +287,8 @@ def _check(kind: str) -> None:
     for key, msg in pending.items():
         warnings.warn(f"pending ({PENDING[key]}): {msg}", stacklevel=2)
     bad = {k: v for k, v in found.items() if k not in PENDING}
-    assert not bad, f"{len(bad)} {kind} finding(s):\n" + "\n".join(bad.values())
+    if bad:
+        pytest.fail(f"{len(bad)} {kind} finding(s):\n" + "\n".join(bad.values()), pytrace=False)
 
 
 def test_the_reader_sees_every_kind_of_import():
@@ -336,8 +337,9 @@ def test_cli_calls_only_the_commands_modules():
     _, imports, _ = read_imports(SRC, PACKAGE)
     allowed = set(LAYERS[0][1]) | set(LAYERS[-1][1])
     bad = [i for i in imports if i.importer == f"{PACKAGE}.cli" and i.imported not in allowed]
-    assert not bad, ("cli.py imports library modules itself; call them from the commands.py of their area "
-                     "instead:\n" + "\n".join(f"    {_how(i)}" for i in bad))
+    if bad:
+        pytest.fail("cli.py imports library modules itself; call them from the commands.py of their area "
+                    "instead:\n" + "\n".join(f"    {_how(i)}" for i in bad), pytrace=False)
 
 
 def _plant(root: Path, files: dict[str, str]) -> Path:
