@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -340,6 +342,22 @@ def test_cli_calls_only_the_commands_modules():
     if bad:
         pytest.fail("cli.py imports library modules itself; call them from the commands.py of their area "
                     "instead:\n" + "\n".join(f"    {_how(i)}" for i in bad), pytrace=False)
+
+
+def test_help_and_flag_errors_start_without_jax_or_tfds():
+    """What the function-level imports of cli.py and train/commands.py are for: help, and a flag error, answer
+    without importing JAX or TFDS."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from resflax import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    codes = [cli.main(a) for a in (['--help'], ['train', '--help'], ['import', '--help'], ['nope'],\n"
+        "                                    ['eval'], ['export', '--workdir', 'w'], ['predict', '--workdir', 'w'])]\n"
+        "print(codes, sorted(m for m in ('jax', 'tensorflow_datasets', 'orbax') if m in sys.modules))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=SRC.parent)
+    assert out.stdout.strip() == "[0, 0, 0, 2, 2, 2, 2] []", out.stdout + out.stderr
 
 
 def _plant(root: Path, files: dict[str, str]) -> Path:
