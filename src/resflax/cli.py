@@ -26,8 +26,6 @@ restored (one line on stderr), 3 divergence, 130 a second interrupt.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 import time
@@ -35,36 +33,28 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from absl import flags
+
 from resflax.errors import INTERNAL_ERROR, BadInput, ResflaxError
 
 USAGE = __doc__
 
+# Each command's area: the package whose commands.py holds the command's body (in the order `resflax` lists them).
+AREAS = {"summary": "analysis", "train": "train", "eval": "train", "prepare-data": "data",
+         "make-tiny-imagenet": "data", "import": "train", "export": "train", "predict": "train",
+         "report": "analysis", "responses": "analysis"}
 
-def _fmt_int(n) -> str:
-    return f"{n:,}" if n is not None else "-"
 
-
-def cmd_summary(argv: list[str]) -> int:
-    from resflax.analysis.counts import summary  # noqa: PLC0415
-    from resflax.models import available_models  # noqa: PLC0415
-
-    ap = ArgumentParser(prog="resflax summary", description="parameters and multiply-adds per image")
-    ap.add_argument("models", nargs="*", help="model names (default: every named model)")
-    ap.add_argument("--json", action="store_true", help="one JSON object per model (a list if several)")
-    args = ap.parse_args(argv)
-    names = args.models or available_models()
-    rows = [summary(n) for n in names]
-    if args.json:
-        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=None))
-        return 0
-    print(f"{'model':<12}{'params':>13}{'paper params':>14}{'mult-adds':>12}{'paper':>9}{'diff':>8}")
-    for r in rows:
-        ma, pma = r["mult_adds"], r["paper_mult_adds"]
-        diff = f"{100 * (ma - pma) / pma:+.1f}%" if pma else "-"
-        pma_s = f"{pma / 1e9:.1f}G" if pma else "-"
-        print(f"{r['model']:<12}{_fmt_int(r['params']):>13}{_fmt_int(r['paper_params']):>14}"
-              f"{ma / 1e9:>11.3f}G{pma_s:>9}{diff:>8}")
-    return 0
+def _commands(area: str):
+    """``resflax.<area>.commands``, imported when one of its commands runs (start-up time: ``resflax --help``,
+    ``resflax train --help`` and a mistyped command import no JAX, Orbax or TFDS)."""
+    if area == "analysis":
+        from resflax.analysis import commands  # noqa: PLC0415 (start-up time, see above)
+    elif area == "data":
+        from resflax.data import commands  # noqa: PLC0415 (start-up time)
+    else:
+        from resflax.train import commands  # noqa: PLC0415 (start-up time)
+    return commands
 
 
 TRAIN_USAGE = """usage: resflax train --config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...] [--start_over]
@@ -197,7 +187,6 @@ def _unknown_key(err: Exception, argv: list[str]) -> str | None:
 def cmd_train(argv: list[str]) -> int:
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
         return _train_help(argv)
-    from absl import flags  # noqa: PLC0415
 
     def define(fl):
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)", flag_values=fl)
@@ -208,101 +197,12 @@ def cmd_train(argv: list[str]) -> int:
         fl, rest = _parse_config("resflax train", argv, define)
     except BadInput as e:
         return _fail(str(e))
-    config = fl.config
     if rest:
         return _fail(f"unexpected arguments: {' '.join(rest)}")
-    if config is None and fl.workdir and (Path(fl.workdir) / "config.json").exists():
-        from resflax.train.evaluate import load_config  # noqa: PLC0415
-
-        config = load_config(fl.workdir)  # continue the run (e.g. imported weights) with its own settings
-        print(f"settings from {Path(fl.workdir) / 'config.json'}")
-    if config is None or fl.workdir is None:
-        return _fail("--config and --workdir are required (--config may be left out to continue a run)")
-    from resflax.train.loop import train_and_evaluate  # noqa: PLC0415
-
-    result = train_and_evaluate(config, fl.workdir, start_over=fl.start_over)
-    if "members" in result:  # a population: one line per member
-        for m in result["members"]:
-            if m["status"] == "diverged":
-                print(f"{m['name']}: diverged (stopped at step {m['step']}; see {m['dir']}/metrics.jsonl)")
-            elif result["finished"] and m["test_error"] is not None:
-                print(f"{m['name']}: final test error: {m['test_error']:.2f}% (step {m['step']}, "
-                      f"state_digest {m['state_digest'][:16]})")
-        if not result["finished"]:
-            print(f"stopped at step {result['step']} (not finished); rerun the same command to resume")
-    elif result["test_error"] is not None and result["finished"]:
-        print(f"final test error: {result['test_error']:.2f}% (step {result['step']}, "
-              f"state_digest {result['state_digest'][:16]})")
-    else:
-        print(f"stopped at step {result['step']} (not finished); rerun the same command to resume")
-    return 0
-
-
-def cmd_eval(argv: list[str]) -> int:
-    ap = ArgumentParser(
-        prog="resflax eval",
-        description="Test error of the latest good checkpoint of a run, on every test image once. Read-only: "
-                    "a damaged checkpoint is skipped (and said so), nothing in the workdir is changed, and it "
-                    "can run while training holds the workdir.")
-    ap.add_argument("--workdir", required=True,
-                    help="run directory written by `resflax train` (a population's: each member, one line each)")
-    ap.add_argument("--data_dir", default=None,
-                    help="TFDS data_dir holding cifar10 (default: the run's, then $TFDS_DATA_DIR, "
-                         "~/tensorflow_datasets)")
-    ap.add_argument("--protocol", choices=("center", "10crop", "multiscale"), default="center",
-                    help="ImageNet-style runs: centre 224 crop of the 256 resize (default), the standard 10-crop "
-                         "(softmax averaged), or fully-convolutional multi-scale (shorter side 224..640, mirrors)")
-    ap.add_argument("--record", action="store_true",
-                    help="append the result to the run's metrics.jsonl as an {\"event\": \"eval\"} line (the only "
-                         "write eval ever makes)")
-    ap.add_argument("--json", action="store_true",
-                    help="print one JSON object (workdir, model, step, protocol, test_error, test_top5_error, "
-                         "test_examples, state_digest, skipped_damaged)")
-    args = ap.parse_args(argv)
-    from resflax.train.evaluate import evaluate_workdir  # noqa: PLC0415
-    from resflax.train.workdir import population_members  # noqa: PLC0415
-
-    members = population_members(args.workdir)
-    results = [evaluate_workdir(w, args.data_dir, protocol=args.protocol, record=args.record)
-               for w in (members if members is not None else [args.workdir])]
-    if args.json:
-        print(json.dumps(results if members is not None else results[0]))
-        return 0
-    for r in results:
-        top5 = f", top-5 {r['test_top5_error']:.2f}%" if "test_top5_error" in r else ""
-        how = f" ({r['protocol']})" if r["protocol"] != "center" else ""
-        who = f"{Path(r['workdir']).name}: " if members is not None else ""
-        print(f"{who}{r['model']} step {r['step']}: test error {r['test_error']:.2f}%{top5}{how} on "
-              f"{r['test_examples']} images (state_digest {r['state_digest']})")
-    return 0
-
-
-def _model_config(argv: list[str]) -> list[str]:
-    """``--model NAME`` without ``--config``: the experiment file of the model's family, with NAME."""
-    if any(a.startswith("--config=") or a == "--config" for a in argv):
-        return [a for a in argv if not a.startswith("--model")]
-    model, out, it = None, [], iter(argv)
-    for a in it:
-        if a.startswith("--model="):
-            model = a.split("=", 1)[1]
-        elif a == "--model":
-            model = next(it, None)
-        else:
-            out.append(a)
-    if not model:
-        raise BadInput("give --model NAME (or --config=experiments/FILE.py:NAME)")
-    from resflax.models import model_spec  # noqa: PLC0415
-
-    family = "cifar10" if model_spec(model)["stem"] == "cifar" else "imagenet"
-    path = Path("experiments") / f"{family}.py"
-    if not path.exists():
-        raise BadInput(f"{path} not found: run from the resflax checkout, or give --config=PATH:{model}")
-    return [f"--config={path}:{model}", *out]
+    return _commands("train").run_train(fl.config, fl.workdir, fl.start_over)
 
 
 def cmd_import(argv: list[str]) -> int:
-    from absl import flags  # noqa: PLC0415
-
     def define(fl):
         flags.DEFINE_string("workdir", None, "new run directory to write", flag_values=fl)
         flags.DEFINE_enum("layout", None, ["torchvision", "cifar"], "weight names: torchvision/timm ImageNet "
@@ -314,116 +214,11 @@ def cmd_import(argv: list[str]) -> int:
               "torch.load(weights_only=True) (torch extra). Writes config.json and checkpoint 0: `resflax eval` "
               "and `resflax train` (fine-tuning) use it like any run.")
         return 0
-    fl, rest = _parse_config("resflax import", _model_config(argv), define)
+    commands = _commands("train")
+    fl, rest = _parse_config("resflax import", commands.model_config(argv), define)
     if len(rest) != 1 or not fl.workdir:
         raise BadInput("usage: resflax import SOURCE --model NAME --workdir DIR")
-    from resflax.train.transfer import import_weights  # noqa: PLC0415
-
-    r = import_weights(rest[0], fl.config, fl.workdir, fl.layout)
-    print(f"imported {r['tensors']} tensors ({r['layout']} layout) as {r['model']} into {r['workdir']} "
-          f"(state_digest {r['state_digest'][:16]})")
-    return 0
-
-
-def cmd_export(argv: list[str]) -> int:
-    ap = ArgumentParser(prog="resflax export", description="a run's latest checkpoint as a PyTorch state dict "
-                        "(.safetensors) that torchvision's models, or akamaster's CIFAR ResNets, load strictly")
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--out", required=True, help="FILE.safetensors")
-    ap.add_argument("--layout", choices=("torchvision", "cifar"), default=None,
-                    help="default: cifar for CIFAR runs, torchvision for ImageNet ones")
-    args = ap.parse_args(argv)
-    from resflax.train.transfer import export_weights  # noqa: PLC0415
-
-    r = export_weights(args.workdir, args.out, args.layout)
-    print(f"wrote {r['tensors']} tensors of step {r['step']} ({r['layout']} layout) to {r['out']}")
-    return 0
-
-
-def cmd_predict(argv: list[str]) -> int:
-    ap = ArgumentParser(prog="resflax predict", description="top-5 classes of image files by a run's latest checkpoint")
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    ap.add_argument("--json", action="store_true", help="one JSON object per image")
-    args = ap.parse_args(argv)
-    from resflax.train.transfer import predict  # noqa: PLC0415
-
-    for r in predict(args.workdir, args.images):
-        if args.json:
-            print(json.dumps(r))
-            continue
-        print(r["image"])
-        for t in r["top"]:
-            print(f"  {100 * t['probability']:6.2f}%  {t['name']} ({t['class']})")
-    return 0
-
-
-def cmd_prepare(argv: list[str]) -> int:
-    ap = ArgumentParser(prog="resflax prepare-data",
-                        description="prepare a dataset once as TFDS ArrayRecord (needs the prepare extra: TensorFlow)")
-    ap.add_argument("--dataset", choices=("cifar10", "imagenet2012"), default="cifar10",
-                    help="cifar10 is downloaded; imagenet2012 is built from the manual download's two tars")
-    ap.add_argument("--data_dir", default=None, help="TFDS data_dir (default: $TFDS_DATA_DIR, ~/tensorflow_datasets)")
-    ap.add_argument("--manual_dir", default=None,
-                    help="imagenet2012: the folder holding ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
-                         "(default: <data_dir>/downloads/manual)")
-    args = ap.parse_args(argv)
-    if args.dataset == "cifar10":
-        if args.manual_dir:
-            raise BadInput("--manual_dir applies to --dataset imagenet2012 only")
-        from resflax.data.cifar10 import prepare  # noqa: PLC0415
-
-        print(f"CIFAR-10 ready in {prepare(args.data_dir)}")
-        return 0
-    from resflax.data.imagenet_source import prepare as prepare_imagenet  # noqa: PLC0415
-
-    print(f"imagenet2012 ready in {prepare_imagenet(args.data_dir, args.manual_dir)}")
-    return 0
-
-
-def cmd_make_tiny(argv: list[str]) -> int:
-    ap = ArgumentParser(prog="resflax make-tiny-imagenet",
-                        description="write a small ImageNet-like TFDS dataset of real photographs (for :tiny)")
-    ap.add_argument("--out", required=True, help="TFDS data_dir to write it into (give it as --config.data_dir)")
-    ap.add_argument("--name", default="resflax_tiny_jpeg", help="dataset name (give it as --config.dataset)")
-    ap.add_argument("--num_classes", type=int, default=4, help="one sample photograph per class (at most 8)")
-    ap.add_argument("--train_per_class", type=int, default=16)
-    ap.add_argument("--val_per_class", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    from resflax.data.tiny_imagenet import write_tiny_dataset  # noqa: PLC0415
-
-    out = write_tiny_dataset(args.out, name=args.name, num_classes=args.num_classes,
-                             train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed)
-    print(f"{args.name} ready in {out}: {args.num_classes * args.train_per_class} train / "
-          f"{args.num_classes * args.val_per_class} validation images")
-    return 0
-
-
-def cmd_report(argv: list[str]) -> int:
-    from resflax.analysis.commands import cmd_report as run  # noqa: PLC0415
-
-    return run(argv)
-
-
-def cmd_responses(argv: list[str]) -> int:
-    from resflax.analysis.commands import cmd_responses as run  # noqa: PLC0415
-
-    return run(argv)
-
-
-COMMANDS = {
-    "summary": cmd_summary,
-    "train": cmd_train,
-    "eval": cmd_eval,
-    "prepare-data": cmd_prepare,
-    "make-tiny-imagenet": cmd_make_tiny,
-    "import": cmd_import,
-    "export": cmd_export,
-    "predict": cmd_predict,
-    "report": cmd_report,
-    "responses": cmd_responses,
-}
+    return commands.run_import(rest[0], fl.config, fl.workdir, fl.layout)
 
 
 def _fail(msg: str) -> int:
@@ -465,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
-        return _fail(f"unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}")
+    if cmd not in AREAS:
+        return _fail(f"unknown command {cmd!r}; expected one of {', '.join(AREAS)}")
     try:
-        return COMMANDS[cmd](rest)
+        run = {"train": cmd_train, "import": cmd_import}.get(cmd) or _commands(AREAS[cmd]).COMMANDS[cmd]
+        return run(rest)
     except ResflaxError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return e.exit_code
@@ -481,13 +277,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001
         return _internal_error(cmd, rest, e)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit 2 through ``main`` (``BadInput``), not a usage dump."""
-
-    def error(self, message: str):
-        raise BadInput(f"{self.prog}: {message}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
 from resflax.errors import BadInput, DataError
+from resflax.models.vgg import CONFIGS
 
 LAYOUTS = ("torchvision", "cifar")
 
@@ -38,14 +40,12 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"weights file {path} not found")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
         try:
             return dict(load_file(str(path)))
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
     try:
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415 (an optional extra, and heavy: only for PyTorch pickles)
     except ImportError:
         raise DataError(f"{path} is a PyTorch pickle: reading it safely needs torch (`pip install 'resflax[torch]'`), "
                         "or convert it to .safetensors first") from None
@@ -61,8 +61,6 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_state_dict(state: dict[str, np.ndarray], path: str | Path) -> None:
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     # (np.ascontiguousarray would make 0-d arrays, e.g. num_batches_tracked, 1-d)
     save_file({k: np.require(v, requirements="C") for k, v in state.items()}, str(path))
 
@@ -93,8 +91,6 @@ def _resnet_map(model, layout: str) -> list[tuple[str, str, str]]:
 
 
 def _vgg_map(model) -> list[tuple[str, str, str]]:
-    from resflax.models.vgg import CONFIGS  # noqa: PLC0415
-
     out, idx, k = [], 0, 0
     for n in CONFIGS[model.depth]:
         for _ in range(n):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import warnings
 
+import jaxlib
+
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_VALUE = "eltwise,reduce"
 TESTED_JAXLIB = ("0.10.2",)
@@ -25,6 +27,7 @@ _configured: list[str] | None = None
 
 def _backend_started() -> bool:
     try:
+        # JAX's private API, looked up only here: a JAX that moved it must not stop resflax from importing
         from jax._src import xla_bridge  # noqa: PLC0415
 
         return bool(getattr(xla_bridge, "_backends", {}))
@@ -35,8 +38,6 @@ def _backend_started() -> bool:
 def default_flags(jaxlib_version: str | None = None) -> list[str]:
     """The flags resflax would add for this jaxlib (empty if the version is untested)."""
     if jaxlib_version is None:
-        import jaxlib  # noqa: PLC0415
-
         jaxlib_version = jaxlib.__version__
     if jaxlib_version not in TESTED_JAXLIB:
         return []

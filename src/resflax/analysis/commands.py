@@ -1,20 +1,48 @@
-"""``resflax report`` and ``resflax responses``: parse flags, call ``analysis.report`` / ``analysis.responses``."""
+"""The bodies of ``resflax summary``, ``resflax report`` and ``resflax responses``: each parses its flags, calls
+``analysis.counts`` / ``analysis.report`` / ``analysis.responses`` and prints what it found and wrote."""
 
 from __future__ import annotations
 
+import json
 import shlex
 
-from resflax.cli import ArgumentParser
+from resflax.analysis import report, responses
+from resflax.analysis.counts import summary
+from resflax.args import ArgumentParser
 from resflax.errors import BadInput
+from resflax.models import available_models
+from resflax.train.workdir import population_members
 
 
 def _command(name: str, argv: list[str]) -> str:
     return shlex.join(["resflax", name, *argv])
 
 
-def cmd_report(argv: list[str]) -> int:
-    from resflax.analysis import report  # noqa: PLC0415
+def _fmt_int(n) -> str:
+    return f"{n:,}" if n is not None else "-"
 
+
+def cmd_summary(argv: list[str]) -> int:
+    ap = ArgumentParser(prog="resflax summary", description="parameters and multiply-adds per image")
+    ap.add_argument("models", nargs="*", help="model names (default: every named model)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per model (a list if several)")
+    args = ap.parse_args(argv)
+    names = args.models or available_models()
+    rows = [summary(n) for n in names]
+    if args.json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=None))
+        return 0
+    print(f"{'model':<12}{'params':>13}{'paper params':>14}{'mult-adds':>12}{'paper':>9}{'diff':>8}")
+    for r in rows:
+        ma, pma = r["mult_adds"], r["paper_mult_adds"]
+        diff = f"{100 * (ma - pma) / pma:+.1f}%" if pma else "-"
+        pma_s = f"{pma / 1e9:.1f}G" if pma else "-"
+        print(f"{r['model']:<12}{_fmt_int(r['params']):>13}{_fmt_int(r['paper_params']):>14}"
+              f"{ma / 1e9:>11.3f}G{pma_s:>9}{diff:>8}")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
     ap = ArgumentParser(
         prog="resflax report",
         description="Fig. 6 curves, the Table 6 markdown and report.md from run directories (finished or not)")
@@ -38,8 +66,6 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_responses(argv: list[str]) -> int:
-    from resflax.analysis import responses  # noqa: PLC0415
-
     ap = ArgumentParser(
         prog="resflax responses",
         description="Fig. 7: std of each 3x3 layer's response (after BN, before ReLU/addition) over the test set")
@@ -56,8 +82,6 @@ def cmd_responses(argv: list[str]) -> int:
         raise BadInput(f"--max_images must be positive, got {args.max_images}")
     if args.batch_size <= 0:
         raise BadInput(f"--batch_size must be positive, got {args.batch_size}")
-    from resflax.train.workdir import population_members  # noqa: PLC0415
-
     cache: dict = {}
     results = []
     for w in [m for d in args.workdir for m in (population_members(d) or [d])]:  # a population: its members
@@ -71,3 +95,6 @@ def cmd_responses(argv: list[str]) -> int:
     where = "" if args.out is not None else " (no --out given: the default next to the runs)"
     print("wrote " + ", ".join(str(p) for p in written.values()) + where)
     return 0
+
+
+COMMANDS = {"summary": cmd_summary, "report": cmd_report, "responses": cmd_responses}

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from resflax.data.files import save_atomically
 from resflax.errors import DataError  # noqa: F401 (raised here; importable from here as before)
@@ -57,8 +59,6 @@ def candidate_dirs(data_dir: str | None = None) -> list[str]:
 
 
 def _open(split: str, data_dir: str):
-    import tensorflow_datasets as tfds  # noqa: PLC0415 (imported lazily: heavy)
-
     return tfds.data_source(NAME, split=split, data_dir=data_dir, download=False)
 
 
@@ -86,13 +86,12 @@ def prepare(data_dir: str | None = None) -> str:
         pass
     target = candidate_dirs(data_dir)[0]
     try:
-        import tensorflow  # noqa: F401, PLC0415 (TFDS's cifar10 builder reads the archive with TF)
+        # TFDS's cifar10 builder reads the archive with TF: an optional extra (heavy), needed only here, once
+        import tensorflow  # noqa: F401, PLC0415
     except ImportError as e:
         raise DataError(
             "preparing CIFAR-10 needs TensorFlow: `pip install 'resflax[prepare]'` (or `make data`)"
         ) from e
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-
     try:
         tfds.builder(NAME, data_dir=target).download_and_prepare(file_format="array_record")
     except Exception as e:  # noqa: BLE001
@@ -108,8 +107,6 @@ def locate(data_dir: str | None = None, download: bool = True) -> str:
     except DataError:
         if not download:
             raise
-        import importlib.util  # noqa: PLC0415
-
         if importlib.util.find_spec("tensorflow") is None:
             raise
     return prepare(data_dir)

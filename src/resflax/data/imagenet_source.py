@@ -24,6 +24,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import read_only_builder, registered
+
 from resflax.data.cifar10 import candidate_dirs
 from resflax.errors import DataError
 from resflax.quiet import quiet_absl
@@ -56,8 +59,6 @@ def _how_to_prepare(name: str) -> str:
 
 
 def _source(builder, name: str, data_dir: str) -> ImageNetSource:
-    import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy: imported when needed)
-
     info = builder.info
     where = f"{name} in {builder.data_dir}"
     if "array_record" not in {f.value for f in info.available_file_formats()}:
@@ -79,8 +80,6 @@ def open_source(name: str = IMAGENET, data_dir: str | None = None) -> ImageNetSo
     """The first candidate data_dir (an explicit ``data_dir`` alone, else ``$TFDS_DATA_DIR``,
     ``~/tensorflow_datasets``) holding ``name`` in ArrayRecord format, with its latest version there;
     ``DataError`` if none does."""
-    from tensorflow_datasets.core import read_only_builder, registered  # noqa: PLC0415
-
     tried, unusable = candidate_dirs(data_dir), []
     for d in tried:
         try:
@@ -113,8 +112,6 @@ def prepare(data_dir: str | None = None, manual_dir: str | None = None) -> str:
         problems.append("preparing imagenet2012 needs TensorFlow once: `pip install 'resflax[prepare]'`")
     if problems:
         raise DataError("; ".join(problems))
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-
     try:
         tfds.builder(IMAGENET, data_dir=target).download_and_prepare(
             file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from resflax.errors import CheckpointError, RestoreError
 from resflax.quiet import quiet_absl
@@ -99,8 +100,6 @@ def classify_restore_error(err: BaseException) -> str:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         multihost_utils.sync_global_devices(name)
 
 

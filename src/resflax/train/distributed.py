@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from resflax.errors import BadInput, PeerError
 
@@ -90,8 +91,6 @@ def any_process(flag: bool) -> bool:
     """True on every process if ``flag`` is True on any of them (a collective: all processes must call it)."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
@@ -116,6 +115,7 @@ class PeerWatch:
         if self.n == 1:
             return self
         try:
+            # JAX's private API, looked up only here (inside the try): a JAX without it runs with no watch
             from jax._src import distributed as jax_distributed  # noqa: PLC0415
 
             self._client = jax_distributed.global_state.client
