@@ -23,11 +23,15 @@ def test_missing_data_names_every_place_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env_dir"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(cifar10.DataError) as e:
-        cifar10.find_data_dir(str(tmp_path / "cfg_dir"))
+        cifar10.find_data_dir()
     msg = str(e.value)
-    for place in ("cfg_dir", "env_dir", "home/tensorflow_datasets"):
+    for place in ("env_dir", "home/tensorflow_datasets"):
         assert place in msg
     assert "prepare-data" in msg
+    # an explicit data_dir is the only place looked at
+    with pytest.raises(cifar10.DataError) as e:
+        cifar10.find_data_dir(str(tmp_path / "cfg_dir"))
+    assert "cfg_dir" in str(e.value) and "env_dir" not in str(e.value) and "prepare-data" in str(e.value)
     assert not (tmp_path / "cfg_dir").exists()  # nothing written
 
 
