@@ -141,13 +141,15 @@ class Batches(Iterator):
     """grain's iterator over worker processes (``loader(..., workers > 0)``), yielding the same batches, with
     no shared memory left named once a batch is received or the iterator closed.
 
-    grain 0.2.18 unlinks a batch's shared memory when its arrays are freed, from a thread pool. A batch that
-    ends up in a reference cycle (grain keeps exceptions with their tracebacks, the end of iteration
-    included, whose frames hold the last batches) is freed only by the interpreter's last collection at exit,
-    after that pool is gone: nothing unlinks it, and the resource tracker reports "There appear to be N
-    leaked shared_memory objects" and unlinks them, at every exit of a run with workers. Unlinking each
-    batch's name on receipt leaves nothing to leak; ``close`` waits for grain's pending unlinks of the
-    batches it dropped unread. ``get_state``/``set_state`` and any other attribute are grain's."""
+    grain 0.2.18 unlinks a batch's shared memory when its arrays are freed, from a thread pool. But its
+    prefetch threads keep exceptions (the end of iteration included) with their tracebacks in reference
+    cycles whose frames still hold the last batches they passed on; the last of these are freed only by the
+    interpreter's final collection, after that pool and the modules are gone, so nothing unlinks them and
+    the resource tracker reports "There appear to be N leaked shared_memory objects" (and unlinks them) at
+    every exit of a run with workers. Unlinking each batch's name on receipt leaves nothing to leak (the
+    memory itself is freed with the arrays, or at exit); ``close`` waits for grain's pending unlinks of the
+    batches it dropped unread. A received batch can no longer be sent to another process by name (nothing
+    here does). ``get_state``/``set_state`` and any other attribute are grain's."""
 
     def __init__(self, it: grain.DatasetIterator):
         self._it = it
