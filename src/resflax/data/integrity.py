@@ -1,14 +1,14 @@
 """A prepared TFDS dataset's files checked against its own metadata before a run reads them.
 
-TFDS's ``dataset_info.json`` lists each split's files (``filepathTemplate``, one entry of ``shardLengths``
-per file) and how many records each holds. ``check_files`` requires every file of the splits a run reads to
-exist and to hold exactly that many records, read from the ArrayRecord file's own index at its end (no
-record is decoded: ~0.2 ms a file from the page cache; a file cut short has no index and reads as 0 records). So a deleted or truncated file
-fails at the start, in one line that names it and says what to do, before a workdir is created, instead
-of at the first step that reads it, or after a whole epoch. (``numBytes`` in the metadata is the examples'
-size before ArrayRecord's compression, not a file size: it cannot be checked.) A file is read once per
-process while its size and modification time stay the same: a second look at the same dataset (the task
-opening it again after the run's plan found it) only calls ``stat``.
+TFDS's ``dataset_info.json`` lists each split's files (``filepathTemplate``, one entry of ``shardLengths`` per
+file) and how many records each holds. ``check_files`` requires every file of the splits a run reads to exist
+and to hold exactly that many records, read from the ArrayRecord file's own index at its end (no record is
+decoded: ~0.2 ms a file from the page cache; a file cut short has no index and reads as 0 records). So a
+deleted or truncated file fails at the start, in one line that names it and says what to do, before a workdir
+is created, instead of at the first step that reads it, or after a whole epoch. (``numBytes`` in the metadata
+is the examples' size before ArrayRecord's compression, not a file size: it cannot be checked.) A file is read
+once per process while its size and modification time stay the same: a second look at the same dataset (the
+task opening it again after the run's plan found it) only calls ``stat``.
 """
 
 from __future__ import annotations
