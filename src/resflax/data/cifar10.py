@@ -4,7 +4,10 @@ Each split is decoded once into a uint8 array in memory; augmentation happens on
 (``resflax.data.augment``). Decoding the 60,000 images takes 20-40 s (TFDS's per-example decoding, one core),
 so the decoded arrays are cached (``load(cache_dir=...)``: ``~/.cache/resflax`` by default from the CLI) and
 later starts, resumptions and ``resflax eval`` read them in a fraction of a second. Where the data lives
-follows TFDS: an explicit ``data_dir`` (alone), else ``$TFDS_DATA_DIR``, then ``~/tensorflow_datasets``.
+follows TFDS: an explicit ``data_dir`` (alone), else ``$TFDS_DATA_DIR``, then ``~/tensorflow_datasets``. The
+copy found is checked against its ``dataset_info.json`` (``data.integrity``): a missing or truncated file of
+the train or test split is a ``DamagedData`` error naming it and the folder to remove, before anything is
+written.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from resflax.data.files import save_atomically
-from resflax.errors import DataError  # noqa: F401 (raised here; importable from here as before)
+from resflax.data.integrity import DamagedData, check_files
+from resflax.errors import DataError
 from resflax.quiet import quiet_absl
 
 NAME = "cifar10"
@@ -62,15 +66,25 @@ def _open(split: str, data_dir: str):
     return tfds.data_source(NAME, split=split, data_dir=data_dir, download=False)
 
 
+SPLITS = ("train", "test")
+
+
+def how_to_restore(info, data_dir: str) -> str:
+    return (f"remove {info.data_dir} and prepare it again: `resflax prepare-data --data_dir {data_dir}` (needs "
+            "internet and `pip install 'resflax[prepare]'`)")
+
+
 def find_data_dir(data_dir: str | None = None) -> str:
-    """The first candidate data_dir holding CIFAR-10 in ArrayRecord format; ``DataError`` if none does."""
+    """The first candidate data_dir holding CIFAR-10 in ArrayRecord format; ``DataError`` if none does,
+    ``DamagedData`` if the first one that does lacks a file or holds a truncated one."""
     tried = candidate_dirs(data_dir)
     for d in tried:
         try:
-            _open("test", d)
-            return d
+            info = _open("test", d).dataset_info
         except Exception:  # noqa: BLE001 (TFDS raises several types for "not prepared here")
             continue
+        check_files(info, SPLITS, how_to_restore(info, d))
+        return d
     raise DataError(
         f"CIFAR-10 (TFDS ArrayRecord) not found in: {', '.join(tried)}. Fix: point --config.data_dir or "
         "TFDS_DATA_DIR at a TFDS data_dir that holds cifar10, or run `resflax prepare-data` "
@@ -79,9 +93,13 @@ def find_data_dir(data_dir: str | None = None) -> str:
 
 
 def prepare(data_dir: str | None = None) -> str:
-    """Downloads and prepares CIFAR-10 as ArrayRecord (needs internet and TensorFlow, only this once)."""
+    """Downloads and prepares CIFAR-10 as ArrayRecord (needs internet and TensorFlow, only this once), unless a
+    candidate data_dir holds it already, checked (``DamagedData`` naming the folder to remove if a file of it
+    is missing or truncated)."""
     try:
         return find_data_dir(data_dir)
+    except DamagedData:
+        raise
     except DataError:
         pass
     target = candidate_dirs(data_dir)[0]
@@ -104,6 +122,8 @@ def locate(data_dir: str | None = None, download: bool = True) -> str:
     extra, which ``make data`` installs), downloads and prepares it once into the first candidate dir."""
     try:
         return find_data_dir(data_dir)
+    except DamagedData:
+        raise
     except DataError:
         if not download:
             raise

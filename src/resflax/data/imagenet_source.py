@@ -14,11 +14,14 @@ their files again in the worker.
 ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` in ``<data_dir>/downloads/manual`` (or any dir
 given as ``manual_dir``) and run ``resflax prepare-data --dataset imagenet2012`` (``prepare`` below), which
 needs TensorFlow (the ``prepare`` extra) that one time.
+
+Every file of both splits is checked against ``dataset_info.json`` when the dataset is opened
+(``data.integrity``): a missing or truncated file is a ``DamagedData`` error naming it and the folder to
+remove, before anything is written, and ``prepare`` says the same of a damaged earlier preparation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -28,6 +31,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder, registered
 
 from resflax.data.cifar10 import candidate_dirs
+from resflax.data.integrity import DamagedData, check_files
 from resflax.errors import DataError
 from resflax.quiet import quiet_absl
 
@@ -58,6 +62,21 @@ def _how_to_prepare(name: str) -> str:
     return "write the small real-photo dataset with `resflax make-tiny-imagenet --out DIR`, or prepare it with TFDS"
 
 
+def how_to_restore(info, data_dir: str | None = None) -> str:
+    """What to do about a damaged copy of the dataset ``info`` describes (its folder
+    ``<data_dir>/<name>/<version>``), in one clause."""
+    folder = Path(info.data_dir)
+    data_dir = data_dir or str(folder.parents[1])
+    if info.name == IMAGENET:
+        return (f"remove {folder} and prepare it again: `resflax prepare-data --dataset imagenet2012 --data_dir "
+                f"{data_dir}` (from the manual download's tars)")
+    if info.module_name == "resflax.data.tiny_imagenet":
+        name = "" if info.name == "resflax_tiny_jpeg" else f" --name {info.name}"
+        return (f"remove {folder} and write it again: `resflax make-tiny-imagenet --out {data_dir}{name}` (same "
+                "settings)")
+    return f"remove {folder} and prepare it again with TFDS (file_format='array_record')"
+
+
 def _source(builder, name: str, data_dir: str) -> ImageNetSource:
     info = builder.info
     where = f"{name} in {builder.data_dir}"
@@ -69,6 +88,7 @@ def _source(builder, name: str, data_dir: str) -> ImageNetSource:
     if missing:
         raise DataError(f"{where} lacks the splits/features {', '.join(missing)} (need splits {', '.join(SPLITS)} "
                         f"and features {', '.join(FEATURES)})")
+    check_files(info, SPLITS, how_to_restore(info, data_dir))
     train, validation = (builder.as_data_source(split=s, decoders={"image": tfds.decode.SkipDecoding()})
                          for s in SPLITS)
     label = info.features["label"]
@@ -79,7 +99,7 @@ def _source(builder, name: str, data_dir: str) -> ImageNetSource:
 def open_source(name: str = IMAGENET, data_dir: str | None = None) -> ImageNetSource:
     """The first candidate data_dir (an explicit ``data_dir`` alone, else ``$TFDS_DATA_DIR``,
     ``~/tensorflow_datasets``) holding ``name`` in ArrayRecord format, with its latest version there;
-    ``DataError`` if none does."""
+    ``DataError`` if none does, ``DamagedData`` as soon as one holds it with a file missing or truncated."""
     tried, unusable = candidate_dirs(data_dir), []
     for d in tried:
         try:
@@ -89,6 +109,8 @@ def open_source(name: str = IMAGENET, data_dir: str | None = None) -> ImageNetSo
             continue
         try:
             return _source(builder, name, d)
+        except DamagedData:  # the copy the user meant: never silently another one
+            raise
         except DataError as e:  # a later candidate may hold a usable copy
             unusable.append(str(e))
     if unusable:
@@ -99,9 +121,14 @@ def open_source(name: str = IMAGENET, data_dir: str | None = None) -> ImageNetSo
 
 def prepare(data_dir: str | None = None, manual_dir: str | None = None) -> str:
     """Prepares ``imagenet2012`` as ArrayRecord from the manual download (TensorFlow needed this once) into the
-    first candidate data_dir, unless a candidate already holds it; returns that data_dir."""
-    with contextlib.suppress(DataError):
+    first candidate data_dir, unless a candidate already holds it, checked (``DamagedData`` naming the folder to
+    remove if a file of it is missing or truncated); returns that data_dir."""
+    try:
         return open_source(IMAGENET, data_dir).data_dir
+    except DamagedData:
+        raise
+    except DataError:
+        pass
     target = candidate_dirs(data_dir)[0]
     manual = Path(manual_dir).expanduser() if manual_dir else Path(target) / "downloads" / "manual"
     problems = []  # all of them in one line, so that one attempt shows everything to fix

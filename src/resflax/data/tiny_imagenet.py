@@ -27,7 +27,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resflax.data.imagenet_source import quiet_tfds
+from resflax.data.imagenet_source import how_to_restore, quiet_tfds
+from resflax.data.integrity import check_files
 from resflax.errors import DataError
 
 NAME = "resflax_tiny_jpeg"
@@ -115,23 +116,33 @@ def _builder_cls(name: str) -> type[_TinyBuilder]:
 
 
 def write_tiny_dataset(data_dir: str, name: str = NAME, num_classes: int = 4, train_per_class: int = 16,
-                       val_per_class: int = 4, seed: int = 0, size: tuple[int, int] = (160, 120)) -> str:
+                       val_per_class: int = 4, seed: int = 0, size: tuple[int, int] = (160, 120),
+                       num_shards: int | None = None) -> str:
     """Writes the dataset ``name`` (images of about ``size`` = (width, height)) into the TFDS ``data_dir``
-    and returns ``data_dir``. Once: the same call again reuses it; ``DataError`` if ``data_dir`` already holds
-    a ``name`` written with other settings."""
+    and returns ``data_dir``. Once: the same call again reuses it (after checking its files); ``DataError`` if
+    ``data_dir`` already holds a ``name`` written with other settings or damaged. ``num_shards``: files per
+    split (None: TFDS's choice, one for a dataset this small); the examples and their order are the same."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise DataError(f"dataset name must be snake_case ([a-z][a-z0-9_]*), got {name!r}")
     if not 1 <= num_classes <= len(PHOTOS):
         raise DataError(f"num_classes must be in [1, {len(PHOTOS)}] (one per sample photo), got {num_classes}")
     if train_per_class < 1 or val_per_class < 1:
         raise DataError("train_per_class and val_per_class must be >= 1")
+    if num_shards is not None and not 1 <= num_shards <= min(train_per_class, val_per_class) * num_classes:
+        raise DataError(f"num_shards must be in [1, the examples of the smaller split], got {num_shards}")
     params = {"num_classes": num_classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
               "seed": seed, "size": list(size)}
+    if num_shards is not None:  # only then: the description of a dataset written before stays the same
+        params["num_shards"] = num_shards
     with quiet_tfds(), tempfile.TemporaryDirectory() as downloads:  # TFDS makes downloads/extracted: not in data_dir
         builder = _builder_cls(name)(params=params, photos=_photos(num_classes), data_dir=str(data_dir))
         if not builder.is_prepared():
-            builder.download_and_prepare(download_dir=downloads, file_format="array_record")
-        elif (old := tfds.builder_from_directory(builder.data_dir).info.description) != builder.info.description:
+            builder.download_and_prepare(download_dir=downloads, file_format="array_record",
+                                         download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+        elif (old := tfds.builder_from_directory(builder.data_dir).info).description != builder.info.description:
             raise DataError(f"{builder.data_dir} already holds a dataset written with other settings "
-                            f"({old.removeprefix(DESCRIPTION)[:200]}); remove it or choose another directory")
+                            f"({old.description.removeprefix(DESCRIPTION)[:200]}); remove it or choose another "
+                            "directory")
+        else:
+            check_files(old, ("train", "validation"), how_to_restore(old))
     return str(data_dir)
