@@ -23,8 +23,7 @@ import ml_collections
 import numpy as np
 
 from resflax.errors import BadInput, DivergenceError
-from resflax.models import get_model, model_fields
-from resflax.train import distributed, schedules, tasks
+from resflax.train import build, distributed, schedules, tasks
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 from resflax.train import workdir as wd
@@ -69,25 +68,13 @@ def _plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
                 "keep_checkpoints", "preemption_check_every_steps", "peer_timeout_s"):
         if config.get(key, 1) <= 0:
             raise BadInput(f"{key} must be positive, got {config[key]}")
-    overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
-                     zero_init_last_bn=config.zero_init_last_bn, dtype=DTYPES[config.dtype],
-                     bn_axis_name=step_lib.AXIS if config.bn_sync else None)
-    for key in ("shortcut", "impl"):
-        if config.get(key) is not None:
-            overrides[key] = config[key]
-    if config.get("scan_min_blocks") is not None:
-        if config.scan_min_blocks < 0:
-            raise BadInput(f"scan_min_blocks must be >= 0 (0: never scan), got {config.scan_min_blocks}")
-        overrides["scan_min_blocks"] = config.scan_min_blocks or None
+    model = build.model_from_config(config)  # its settings checked before the data is looked for
     if locate_data:
         data_dir, num_classes = tasks.locate(config)
     else:
         data_dir, num_classes = config.data_dir, config.get("num_classes")
     if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    # settings of the ResNet family that a model without them (VGG) ignores
-    overrides = {k: v for k, v in overrides.items() if k in model_fields(config.model)}
-    model = get_model(config.model, **overrides)
+        model = model.clone(num_classes=num_classes)
     tasks.validate(config, model)
     ndev = config.num_devices or jax.device_count()
     if config.batch_size % ndev:
