@@ -31,9 +31,10 @@ from resflax.train.distributed import to_host
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    """What reading a run needs besides its parameters: its network, the devices it is read on, where its
-    data is (a task built from it only evaluates: it never trains, hence no steps)."""
+class ReadPlan:
+    """What reading a run needs besides its parameters (``loop.Plan``'s counterpart without training): its
+    network, the devices it is read on, where its data is. A task made from it only evaluates (``build_eval``),
+    hence no steps."""
 
     model: Any
     mesh: Any
@@ -60,9 +61,9 @@ def _saved_num_classes(workdir: str | Path) -> int | None:
     return None
 
 
-def read(config: ml_collections.ConfigDict, locate_data: bool = True) -> Run:
-    """The ``Run`` of ``config`` for reading: the dataset located (``locate_data``; else the number of classes
-    is the config's), the model built, a mesh of ``config.num_devices`` devices (0: all). ``BadInput`` or
+def read(config: ml_collections.ConfigDict, locate_data: bool = True) -> ReadPlan:
+    """``config``'s ``ReadPlan``: the dataset located (``locate_data``; else the number of classes is the
+    config's), the model built, a mesh of ``config.num_devices`` devices (0: all). ``BadInput`` or
     ``DataError`` for what cannot be used."""
     try:
         if locate_data:
@@ -75,13 +76,13 @@ def read(config: ml_collections.ConfigDict, locate_data: bool = True) -> Run:
         if isinstance(e, BadInput):
             raise
         raise BadInput(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    return Run(model, mesh, data_dir)
+    return ReadPlan(model, mesh, data_dir)
 
 
 def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None, num_devices: int = 0,
             skipped: list[int] | None = None, locate_data: bool = True):
-    """(config, ``Run``, state) of the latest good checkpoint in ``workdir``, read-only; the steps of damaged
-    checkpoints passed over are appended to ``skipped``."""
+    """(config, ``ReadPlan``, state) of the latest good checkpoint in ``workdir``, read-only; the steps of
+    damaged checkpoints passed over are appended to ``skipped``."""
     config = config or load_config(workdir)
     config.num_devices = num_devices
     if not locate_data and "num_classes" in config and not config.num_classes:
