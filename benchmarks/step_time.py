@@ -64,6 +64,7 @@ def build(args):
     from resflax.models import get_model  # noqa: PLC0415
     from resflax.train import state as st  # noqa: PLC0415
     from resflax.train import step as sp  # noqa: PLC0415
+    from resflax.train.evaluators import make_eval_step  # noqa: PLC0415
 
     overrides = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
     if args.impl:
@@ -114,7 +115,7 @@ def build(args):
         sh = NamedSharding(mesh, P(sp.AXIS))
         args_d = [jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]) for a in (images, labels, mask)]
         params, bstats, mean_r = sp.replicate((state.params, state.batch_stats, mean), mesh)
-        fn = sp.make_eval_step(model, mesh)
+        fn = make_eval_step(model, mesh)
         t0 = time.perf_counter()
         compiled = fn.lower(params, bstats, *args_d, mean_r).compile()
         compile_s = time.perf_counter() - t0

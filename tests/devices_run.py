@@ -16,6 +16,7 @@ from synthetic import tiny_step
 
 from resflax.data import augment
 from resflax.models import fastops, get_model
+from resflax.train import evaluators
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 
@@ -102,8 +103,8 @@ def main():
     for _ in range(4):
         s, m = step(s, *data)
         losses.append(float(m["loss"]))
-    ev = step_lib.evaluate(step_lib.make_eval_step(model, mesh), s, np.asarray(data[0][:40]),
-                           np.asarray(data[1][:40]), data[2], 16, mesh)
+    ev = evaluators.on_arrays(evaluators.make_eval_step(model, mesh), np.asarray(data[0][:40]),
+                              np.asarray(data[1][:40]), data[2], 16, mesh).run(s)
     print(json.dumps({"losses": losses, "eval_error": ev["error"], "count": ev["count"],
                       "digest": state_lib.state_digest(s)}))
 

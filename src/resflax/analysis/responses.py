@@ -3,8 +3,9 @@
 A response is a 3x3 convolution's output after BN and before the ReLU / addition, exactly what the model
 sows into its ``intermediates`` collection (``stem_bn`` and ``stage{i}/block{j}/bn{k}``): no second model
 definition. The std of a layer is taken over all its output values on the test images (images x positions
-x channels), accumulated batch by batch in float64 (Chan et al.'s parallel mean/variance update), with the
-last batch padded and masked so every image counts exactly once.
+x channels), accumulated batch by batch in float64 (Chan et al.'s parallel mean/variance update), over
+``train.evaluators``' padded, masked batches, its count checked as every evaluation's is: every image counts
+exactly once.
 """
 
 from __future__ import annotations
@@ -83,19 +84,16 @@ def response_stds(model, variables, images_u8: np.ndarray, mean: np.ndarray,
     import jax  # noqa: PLC0415
 
     from resflax.models import unpack_blocks  # noqa: PLC0415
+    from resflax.train import evaluators  # noqa: PLC0415
 
     variables = unpack_blocks(model, variables)  # the unrolled call that sows per-layer outputs needs them
     stats_fn = make_stats_fn(model)
     batch_size = min(batch_size, len(images_u8))
     acc: dict[str, tuple[float, float, float]] = {}
-    for start in range(0, len(images_u8), batch_size):
-        xb = images_u8[start:start + batch_size]
-        k = len(xb)
-        w = np.zeros((batch_size,), np.float32)
-        w[:k] = 1
-        if k < batch_size:
-            xb = np.concatenate([xb, np.zeros((batch_size - k, *xb.shape[1:]), xb.dtype)])
-        for name, (nb, mb, m2b) in jax.device_get(stats_fn(variables, xb, w, mean)).items():
+    seen = 0
+    for xb, mask in evaluators.padded(batch_size, images_u8):
+        seen += int(mask.sum())
+        for name, (nb, mb, m2b) in jax.device_get(stats_fn(variables, xb, mask.astype(np.float32), mean)).items():
             nb, mb, m2b = float(nb), float(mb), float(m2b)
             if name not in acc:
                 acc[name] = (nb, mb, m2b)
@@ -103,6 +101,7 @@ def response_stds(model, variables, images_u8: np.ndarray, mean: np.ndarray,
             na, ma, m2a = acc[name]
             n, d = na + nb, mb - ma
             acc[name] = (n, ma + d * nb / n, m2a + m2b + d * d * na * nb / n)
+    evaluators.check_count(seen, len(images_u8), "responses")
     # jit returns dicts with sorted keys: put the layers back in network order
     return [(name, float(np.sqrt(acc[name][2] / acc[name][0]))) for name in sorted(acc, key=_order)]
 
@@ -113,20 +112,20 @@ def run_responses(workdir: str | Path, data_dir: str | None = None, max_images: 
     import jax  # noqa: PLC0415
 
     from resflax.data import cifar10  # noqa: PLC0415
-    from resflax.train import tasks  # noqa: PLC0415
+    from resflax.data.files import cache_dir  # noqa: PLC0415
     from resflax.train.evaluate import load_config, restore  # noqa: PLC0415
 
     config = load_config(workdir)
     if data_dir:
         config.data_dir = data_dir
-    config, plan, state = restore(workdir, config, num_devices=1)
+    config, run, state = restore(workdir, config, num_devices=1)
     cache = {} if _cache is None else _cache
-    key = (plan.data_dir, config.val_examples)
+    key = (run.data_dir, config.val_examples)
     if key not in cache:  # several runs usually share the data: decode it once
-        cache[key] = cifar10.load(plan.data_dir, config.val_examples, tasks.cache_dir(config))
+        cache[key] = cifar10.load(run.data_dir, config.val_examples, cache_dir(config))
     data = cache[key]
     images = data.test.images[:max_images] if max_images else data.test.images
-    model = plan.model.clone(bn_axis_name=None)  # eval mode never averages statistics across devices
+    model = run.model.clone(bn_axis_name=None)  # eval mode never averages statistics across devices
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return {"run": str(workdir), "model": config.model, "step": int(jax.device_get(state.step)),
             "images": len(images), "data_dir": data.data_dir,

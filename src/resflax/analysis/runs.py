@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ SHARED_COPY = Path("shared") / "tfds"  # this project's JPEG (quality 75) copy o
 DEPTH_COLOURS = {8: "tab:gray", 20: "tab:orange", 32: "tab:green", 44: "tab:red", 56: "tab:blue",
                  110: "tab:purple", 1202: "tab:brown"}
 _SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "black")
-_NAME = re.compile(r"^(?:cifar_)?(resnet|plain)(\d+)$")
 FINAL_TRAIN_FRACTION = 0.05  # "final training error": mean of the records in the last 5% of the iterations
 
 
@@ -53,9 +51,12 @@ def portable_path(p: str | os.PathLike) -> str:
 
 
 def family_depth(model: str) -> tuple[str, int]:
-    """``("resnet", 56)`` for ``resnet56``; ``("other", 0)`` for names outside the CIFAR families."""
-    m = _NAME.match(model)
-    return (m.group(1), int(m.group(2))) if m else ("other", 0)
+    """``("resnet", 56)`` for ``resnet56`` (or ``cifar_resnet56``); ``("other", 0)`` for names outside the CIFAR
+    families (``imagenet_``-prefixed names, ``vgg16``)."""
+    from resflax.models.registry import parse_model_name  # noqa: PLC0415 (flax: only when a name is read)
+
+    n = parse_model_name(model)
+    return (n.kind, n.depth) if n is not None and n.prefix != "imagenet" else ("other", 0)
 
 
 def label(model: str) -> str:

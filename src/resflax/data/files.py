@@ -1,5 +1,6 @@
-"""Cache files written atomically: a temporary file in the same folder, renamed into place, so a crash or a
-full disk never leaves half a file where a later start would read it."""
+"""resflax's cache folder (``cache_dir``), and cache files written atomically: a temporary file in the same
+folder, renamed into place, so a crash or a full disk never leaves half a file where a later start would read
+it."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def save_atomically(path: str | os.PathLike, save: Callable[[BinaryIO], None]) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cache_dir(config) -> Path:
+    """resflax's cache: ImageNet per-pixel means, CIFAR-10's decoded arrays (``config.mean_cache_dir``, else
+    ``$XDG_CACHE_HOME/resflax`` or ``~/.cache/resflax``)."""
+    if config.get("mean_cache_dir"):
+        return Path(config.mean_cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "resflax"

@@ -23,10 +23,13 @@ remove, before anything is written, and ``prepare`` says the same of a damaged e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder, registered
 
@@ -50,6 +53,63 @@ class ImageNetSource:
     class_names: list[str]
     train: Any  # indexable, pickles: {"image": encoded bytes, "label": int, ...}
     validation: Any
+
+
+class Slice:
+    """Examples ``[start, stop)`` of a source (picklable: grain workers receive it)."""
+
+    def __init__(self, source, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.source[self.start + int(i)]
+
+
+def split_train(train, val_examples: int) -> tuple[Any, Any]:
+    """``(train, held_out)``: the last ``val_examples`` examples of the training split held out (``held_out`` is
+    ``None`` without); ``DataError`` unless ``0 < val_examples < len(train)``."""
+    if not val_examples:
+        return train, None
+    if not 0 < val_examples < len(train):
+        raise DataError(f"val_examples must be in (0, {len(train)}), got {val_examples}")
+    cut = len(train) - val_examples
+    return Slice(train, 0, cut), Slice(train, cut, len(train))
+
+
+def fingerprint(source, n: int = 4) -> str:
+    """A short identity of a split (its size and a few images' bytes): keys the mean cache, and tells a
+    resumption whether it reads the same training set."""
+    h = hashlib.sha256(str(len(source)).encode())
+    for i in np.linspace(0, len(source) - 1, min(n, len(source))).round().astype(int):
+        h.update(bytes(source[int(i)]["image"]))
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelMean:
+    mean: np.ndarray  # (size, size, 3) float32 in [0, 1]
+    path: Path  # its cache file
+    cached: bool  # read from the cache (else computed now and written there)
+
+
+def pixel_mean(source: ImageNetSource, train, cache_dir: str | os.PathLike, num_images: int, cfg,
+               train_fingerprint: str | None = None) -> PixelMean:
+    """The paper's per-pixel mean: the mean image of ``num_images`` images of ``train`` (the training split of
+    ``source`` a run uses) as the run's preprocessing ``cfg`` crops them for evaluation, cached under
+    ``cache_dir`` by dataset, version, ``fingerprint(train)`` (computed unless given), image count and
+    preprocessing. The one place the mean of a run's ImageNet-style data is found (training and reading)."""
+    from resflax.data import imagenet  # noqa: PLC0415
+
+    fp = fingerprint(train) if train_fingerprint is None else train_fingerprint
+    path = imagenet.mean_cache_path(cache_dir, f"{source.name}-{fp}", source.version, num_images, cfg)
+    cached = path.exists()
+    mean = imagenet.load_or_compute_mean(path, lambda: imagenet.sample_images(train, num_images), cfg)
+    return PixelMean(mean, path, cached)
 
 
 quiet_tfds = quiet_absl  # TFDS logs a WARNING for every dir it looks into that lacks the dataset

@@ -12,7 +12,7 @@ Depths 50 and 152 are both 6n+2 and ImageNet depths; the bare name means the Ima
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from resflax.models.resnet import ResNet
 from resflax.models.vgg import VGG
@@ -33,18 +33,28 @@ _VGG = re.compile(r"^vgg(16|19)$")
 VGG_DEPTHS = (16, 19)
 
 
-def parse_name(name: str) -> tuple[str | None, str, int] | None:
-    """``(family, kind, depth)`` of a ResNet-family name: ``("cifar", "plain", 20)`` for ``cifar_plain20``,
-    ``(None, "resnet", 56)`` for ``resnet56`` (family from the prefix only); ``None`` for other names."""
-    m = _NAME.match(name)
-    return (m.group(1), m.group(2), int(m.group(3))) if m else None
-
-
 def available_models() -> list[str]:
     """The paper's named models (any other ``resnet{6n+2}``/``plain{6n+2}`` CIFAR depth also works)."""
     names = [f"resnet{d}" for d in CIFAR_PAPER_RESNETS] + [f"plain{d}" for d in CIFAR_PAPER_PLAINS]
     names += [f"resnet{d}" for d in IMAGENET] + [f"plain{d}" for d in IMAGENET_PLAIN]
     return names + [f"vgg{d}" for d in VGG_DEPTHS]
+
+
+class ModelName(NamedTuple):
+    """A ResNet/plain model name taken apart: ``prefix`` (``"cifar"``, ``"imagenet"``, or ``None`` for a bare
+    name, whose depth then picks the family), ``kind`` (``"resnet"`` or ``"plain"``) and ``depth``."""
+
+    prefix: str | None
+    kind: str
+    depth: int
+
+
+def parse_model_name(name: str) -> ModelName | None:
+    """``resnet56`` -> ``ModelName(None, "resnet", 56)``, ``cifar_plain20`` -> ``ModelName("cifar", "plain",
+    20)``; ``None`` for a name not of the form ``[cifar_|imagenet_](resnet|plain)N`` (``vgg16``, a typo). The
+    one reading of these names: whether the depth exists is ``model_spec``'s question."""
+    m = _NAME.match(name)
+    return ModelName(m.group(1), m.group(2), int(m.group(3))) if m else None
 
 
 def _unknown(name: str, why: str) -> ValueError:
@@ -60,10 +70,10 @@ def model_spec(name: str) -> dict[str, Any]:
     v = _VGG.match(name)
     if v:
         return dict(depth=int(v.group(1)), num_classes=1000, stem="imagenet")
-    m = _NAME.match(name)
-    if not m:
+    parsed = parse_model_name(name)
+    if parsed is None:
         raise _unknown(name, "not of the form resnetN or plainN")
-    family, kind, depth = m.group(1), m.group(2), int(m.group(3))
+    family, kind, depth = parsed
     residual = kind == "resnet"
     if family is None:
         family = "imagenet" if depth in IMAGENET and (residual or depth in IMAGENET_PLAIN) else "cifar"

@@ -3,10 +3,18 @@ test split, or an ImageNet-style dataset's validation split (the centre crop; to
 
 Read-only: nothing in the workdir is created, moved or deleted (a damaged checkpoint is skipped with a
 warning and left for the next ``resflax train`` to set aside), so it is safe while a training run holds the
-workdir."""
+workdir.
+
+``restore`` is every read path's way into a run (eval, predict, export, responses): config -> model
+(``build.model_from_config``) -> parameters, without the training plan (no training settings checked, no
+learning rate, no train step, no initialisation computed). The checkpoint is restored into the shapes of the
+whole train state (``state.abstract_state``: ``jax.eval_shape``, nothing computed or compiled), because a
+checkpoint's integrity check (every leaf's digest, the tree's paths) covers the whole state.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,10 +23,23 @@ import jax
 import ml_collections
 
 from resflax.errors import BadInput
-from resflax.train import loop, tasks
+from resflax.train import build, tasks
 from resflax.train import state as state_lib
+from resflax.train import step as step_lib
 from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadPlan:
+    """What reading a run needs besides its parameters (``loop.Plan``'s counterpart without training): its
+    network, the devices it is read on, where its data is. A task made from it only evaluates (``build_eval``),
+    hence no steps."""
+
+    model: Any
+    mesh: Any
+    data_dir: str | None
+    num_steps: int = 0
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -40,15 +61,33 @@ def _saved_num_classes(workdir: str | Path) -> int | None:
     return None
 
 
+def read(config: ml_collections.ConfigDict, locate_data: bool = True) -> ReadPlan:
+    """``config``'s ``ReadPlan``: the dataset located (``locate_data``; else the number of classes is the
+    config's), the model built, a mesh of ``config.num_devices`` devices (0: all). ``BadInput`` or
+    ``DataError`` for what cannot be used."""
+    try:
+        if locate_data:
+            data_dir, num_classes = tasks.locate(config)
+        else:
+            data_dir, num_classes = config.data_dir, config.get("num_classes")
+        model = build.model_from_config(config, num_classes)
+        mesh = step_lib.make_mesh(config.num_devices or jax.device_count())
+    except (ValueError, TypeError, KeyError) as e:
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    return ReadPlan(model, mesh, data_dir)
+
+
 def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None, num_devices: int = 0,
             skipped: list[int] | None = None, locate_data: bool = True):
-    """(config, plan, state) of the latest good checkpoint in ``workdir``, read-only; the steps of damaged
-    checkpoints passed over are appended to ``skipped``."""
+    """(config, ``ReadPlan``, state) of the latest good checkpoint in ``workdir``, read-only; the steps of
+    damaged checkpoints passed over are appended to ``skipped``."""
     config = config or load_config(workdir)
     config.num_devices = num_devices
     if not locate_data and "num_classes" in config and not config.num_classes:
         config.num_classes = _saved_num_classes(workdir)  # the dataset's, recorded with the checkpoints
-    p = loop.plan(config, locate_data)
+    p = read(config, locate_data)
     # shapes only (no eager initialisation: restoring needs the tree, not its values)
     abstract = state_lib.abstract_state(p.model, state_lib.optimizer(config), config.seed, tasks.image_shape(config),
                                         config.warmup, p.mesh)
@@ -79,19 +118,16 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, protocol:
     if protocol != "center" and tasks.is_cifar(config):
         raise BadInput(f"protocol {protocol} is for ImageNet-style runs; CIFAR-10 is tested on whole images (center)")
     skipped: list[int] = []
-    config, p, state = restore(workdir, config, skipped=skipped)
-    task = tasks.create(config, p, lambda *a, **k: None)
+    config, run, state = restore(workdir, config, skipped=skipped)
+    task = tasks.create(config, run, lambda *a, **k: None)  # the data and its mean
     try:
-        if protocol == "center":
-            tx = state_lib.optimizer(config)(state.params)
-            task.build(p.model, tx, p.step_cfg)
+        if protocol == "center":  # what training evaluates, by the same code
+            task.build_eval(run.model)
             r = task.evaluate(state, splits=("test",))["test"]
         else:
-            host = to_host({"params": state.params, "batch_stats": state.batch_stats})
             scales = tuple(config.get("multiscale_scales") or protocols.imagenet.MULTISCALE)
-            q = protocols.run(protocol, p.model, host, task.test, task.mean_host, task.cfg, scales=scales,
-                              std=task.std_host)
-            r = {"error": q["top1_error"], "top5_error": q["top5_error"], "count": q["count"]}
+            r = protocols.ProtocolEvaluator(protocol, run.model, task.test, task.mean_host, task.cfg, scales=scales,
+                                            std=task.std_host).run(state)
     finally:
         task.close()
     step = int(to_host(state.step))

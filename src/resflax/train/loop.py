@@ -18,22 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from resflax import configs
 from resflax.errors import BadInput, DivergenceError
-from resflax.models import get_model, model_fields
-from resflax.train import distributed, schedules, tasks
+from resflax.train import build, distributed, schedules, tasks
 from resflax.train import members as members_lib
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 from resflax.train import workdir as wd
 from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -60,27 +56,15 @@ def plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
 
 
 def _plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
-    if config.dtype == "float16":
-        raise BadInput("dtype float16 needs loss scaling, which resflax does not implement; use bfloat16 (float32 "
-                       "range, no scaling needed) or float32")
+    build.compute_dtype(config)  # float16's own message before the generic checks
     configs.validate(config)  # every key's type, range and choices (resflax.configs.KEYS)
-    overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
-                     zero_init_last_bn=config.zero_init_last_bn, dtype=DTYPES[config.dtype],
-                     bn_axis_name=step_lib.AXIS if config.bn_sync else None)
-    for key in ("shortcut", "impl"):
-        if config.get(key) is not None:
-            overrides[key] = config[key]
-    if config.get("scan_min_blocks") is not None:
-        overrides["scan_min_blocks"] = config.scan_min_blocks or None
+    model = build.model_from_config(config)  # its settings checked before the data is looked for
     if locate_data:
         data_dir, num_classes = tasks.locate(config)
     else:
         data_dir, num_classes = config.data_dir, config.get("num_classes")
     if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    # settings of the ResNet family that a model without them (VGG) ignores
-    overrides = {k: v for k, v in overrides.items() if k in model_fields(config.model)}
-    model = get_model(config.model, **overrides)
+        model = model.clone(num_classes=num_classes)
     tasks.validate(config, model)
     ndev = config.num_devices or jax.device_count()
     if config.batch_size % ndev:

@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from resflax import configs
 from resflax.errors import BadInput
-from resflax.models.registry import parse_name
+from resflax.models.registry import parse_model_name
 from resflax.train import tasks
 from resflax.train import workdir as wd
 from resflax.train.distributed import to_host
@@ -66,12 +66,11 @@ def configured(config) -> bool:
 def members(config) -> list[Member]:
     """The members a population config names, residual flag major: plain members first, then residual ones."""
     pop = config.population
-    parsed = parse_name(config.model)
-    if parsed is None or parsed[0] not in ("cifar", None) or parsed[1] not in ("resnet", "plain") \
-            or not tasks.is_cifar(config):
+    parsed = parse_model_name(config.model)
+    if parsed is None or parsed.prefix == "imagenet" or not tasks.is_cifar(config):
         raise BadInput(f"a population trains CIFAR-10 networks resnetN/plainN; got model {config.model!r} on "
                        f"{config.dataset}")
-    kind, depth = parsed[1], parsed[2]
+    kind, depth = parsed.kind, parsed.depth
     seeds = [int(s) for s in (pop.seeds or (config.seed,))]
     if len(set(seeds)) != len(seeds):
         raise BadInput(f"population.seeds repeats a seed: {tuple(pop.seeds)}")

@@ -11,8 +11,9 @@
   apply to other sizes, so its per-channel average is subtracted.
 
 Every validation image is used exactly once: process p of P takes images p, p + P, ...; the counts are
-summed over processes. Each process runs its share on its first local device, image batches padded to a
-fixed size (``10crop``) so that one program serves every batch.
+summed over processes and checked (``evaluators.metrics``). Each process runs its share on its first local
+device, image batches padded to a fixed size (``10crop``) so that one program serves every batch.
+``ProtocolEvaluator`` is the evaluator (``train.evaluators``' interface) ``resflax eval --protocol`` runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from resflax.data import imagenet
+from resflax.train import evaluators
+from resflax.train.distributed import to_host
 
 PROTOCOLS = ("center", "10crop", "multiscale")
 
@@ -124,11 +127,25 @@ def run(protocol: str, model, variables, source, mean: np.ndarray, cfg: imagenet
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
         counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
-    n = int(counts[2])
-    if n != len(source):
-        raise RuntimeError(f"protocol {protocol} counted {n} images, expected {len(source)}")
-    out = {"protocol": protocol, "top1_error": 100.0 * counts[0] / n, "top5_error": 100.0 * counts[1] / n,
-           "count": n}
+    m = evaluators.metrics({"errors": counts[0], "errors5": counts[1], "count": counts[2]}, len(source),
+                           f"protocol {protocol}")
+    out = {"protocol": protocol, "top1_error": m["error"], "top5_error": m["top5_error"], "count": m["count"]}
     if keep_probs:
         out["probs"] = kept
     return out
+
+
+class ProtocolEvaluator:
+    """``protocol`` over every image of ``source`` as an evaluator: ``run(state_or_variables) -> {"error",
+    "top5_error", "count"}`` (``run``'s arguments otherwise)."""
+
+    def __init__(self, protocol: str, model, source, mean: np.ndarray, cfg: imagenet.Preprocess,
+                 scales: Sequence[int] = imagenet.MULTISCALE, std: np.ndarray | None = None):
+        self.protocol, self.model, self.source, self.mean, self.cfg = protocol, model, source, mean, cfg
+        self.scales, self.std = scales, std
+
+    def run(self, state_or_variables) -> dict[str, float]:
+        params, batch_stats = evaluators.variables(state_or_variables)
+        host = to_host({"params": params, "batch_stats": batch_stats})
+        q = run(self.protocol, self.model, host, self.source, self.mean, self.cfg, scales=self.scales, std=self.std)
+        return {"error": q["top1_error"], "top5_error": q["top5_error"], "count": q["count"]}

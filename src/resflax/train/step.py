@@ -1,6 +1,7 @@
-"""Data-parallel train and eval steps: one jitted program over a 1-D ``('data',)`` mesh.
+"""Data-parallel train steps: one jitted program over a 1-D ``('data',)`` mesh (the eval step, built the same
+way, is ``train.evaluators``').
 
-Both steps run per device under ``jax.shard_map`` (the pmap semantics, without pmap): the state is
+The steps run per device under ``jax.shard_map`` (the pmap semantics, without pmap): the state is
 replicated, each device takes its slice of the global batch, gradients, metrics and BN running statistics
 are averaged with ``lax.pmean``. With ``bn_sync`` the model's BatchNorm averages its batch statistics over
 the ``data`` axis (normalisation over the global batch, identical for any device count); without it each
@@ -233,88 +234,6 @@ def make_batch_train_step(model, tx: optax.GradientTransformation, cfg: StepConf
         check_vma=False,
     )
     return jax.jit(sharded, donate_argnums=(0,))
-
-
-def make_eval_step(model, mesh, normalize: Callable = augment.normalize, top5: bool = False) -> Callable:
-    """Returns ``eval(state_params, batch_stats, images_u8, labels, mask, mean) -> sums``: summed loss,
-    errors (and with ``top5`` the top-5 errors) and count over the unmasked examples of a batch sharded over
-    ``data``; ``normalize(images_u8, mean)`` makes the float input."""
-
-    def per_device(params, batch_stats, images, labels, mask, mean):
-        x = normalize(images, mean)
-        logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        wrong = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
-        m = mask.astype(jnp.float32)
-        sums = {"loss": jnp.sum(loss * m), "errors": jnp.sum(wrong * m), "count": jnp.sum(m)}
-        if top5:
-            k = min(5, logits.shape[-1])
-            in_top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-            sums["errors5"] = jnp.sum((~in_top5).astype(jnp.float32) * m)
-        return jax.lax.psum(sums, AXIS)
-
-    sharded = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P()),
-        out_specs=P(),
-        check_vma=False,
-    )
-    return jax.jit(sharded)
-
-
-_PLACED: dict = {}
-
-
-def _placed_batches(images, labels, batch_size: int, mesh) -> list:
-    """The split cut into padded, masked batches sharded over ``data``, placed on the devices once and
-    reused by later evaluations of the same arrays (no host-to-device copies in the training loop)."""
-    import weakref  # noqa: PLC0415
-
-    import numpy as np  # noqa: PLC0415
-
-    key = (id(images), id(labels), batch_size, id(mesh))
-    hit = _PLACED.get(key)
-    if hit is not None and hit[0]() is images and hit[1]() is labels:
-        return hit[2]
-    sharding = NamedSharding(mesh, P(AXIS))
-    batches = []
-    for start in range(0, len(labels), batch_size):
-        xb, yb = images[start : start + batch_size], labels[start : start + batch_size]
-        k = len(yb)
-        mask = np.zeros((batch_size,), bool)
-        mask[:k] = True
-        if k < batch_size:
-            xb = np.concatenate([xb, np.zeros((batch_size - k, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros((batch_size - k,), yb.dtype)])
-        batches.append(
-            tuple(jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in (xb, yb, mask))
-        )
-    if len(_PLACED) >= 4:
-        _PLACED.clear()
-    try:
-        _PLACED[key] = (weakref.ref(images), weakref.ref(labels), batches)
-    except TypeError:  # arrays that cannot be weakly referenced are simply not cached
-        pass
-    return batches
-
-
-def evaluate(eval_step, state: TrainState, images, labels, mean, batch_size: int, mesh) -> dict[str, float]:
-    """Exact evaluation: every example counted once; the last batch is padded and masked."""
-    from resflax.train.distributed import to_host  # noqa: PLC0415
-
-    ndev = mesh.shape[AXIS]
-    batch_size = max(ndev, batch_size - batch_size % ndev)
-    n = len(labels)
-    sums = None
-    for xb, yb, mask in _placed_batches(images, labels, batch_size, mesh):
-        out = eval_step(state.params, state.batch_stats, xb, yb, mask, mean)
-        sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-    totals = {k: float(v) for k, v in to_host(sums).items()}
-    count = totals["count"]
-    if int(count) != n:
-        raise RuntimeError(f"evaluation counted {count} examples, expected {n}")
-    return {"error": 100.0 * totals["errors"] / n, "loss": totals["loss"] / n, "count": int(count)}
 
 
 def step_config(boundaries: Sequence[int], batch_size: int, **lr) -> StepConfig:

@@ -14,13 +14,13 @@ A task's interface: ``event`` (what the loop records about the data), ``image_sh
 ``build(model, tx, step_cfg)``, ``start(step, saved_input)``, ``train_step(state, lr_scale)``,
 ``evaluate(state)``, ``input_state(step)``, ``close()``; ``CifarTask`` also ``build_population`` and
 ``population_step``. Tasks supply data; the learning rate is ``train.schedules``'.
+``evaluate`` runs ``train.evaluators``' evaluator of each split; ``build_eval(model)`` prepares only that
+(``resflax eval``: no train step, no training split on the device).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,7 +30,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resflax.data import augment
+from resflax.data.files import cache_dir
 from resflax.errors import BadInput, DataError
+from resflax.train import evaluators
 from resflax.train import step as step_lib
 
 CIFAR = "cifar10"
@@ -113,6 +115,13 @@ class CifarTask:
         self.steps_per_epoch = len(data.train) // config.batch_size
 
     def _place(self) -> None:
+        self._place_input()
+        d = self.data
+        self.train_x, self.train_y = step_lib.replicate((d.train.images, d.train.labels), self.mesh)
+
+    def _place_input(self) -> None:
+        """The input normalisation: the training images' per-pixel mean on the device (or, for imported
+        weights, the per-channel mean) and the per-channel std (imported weights') or None."""
         d = self.data
         mean = d.mean
         self.std = np.asarray(self.config.std, np.float32) if self.config.get("std") else None
@@ -120,12 +129,17 @@ class CifarTask:
             from resflax.data.imagenet import CHANNEL_MEAN  # noqa: PLC0415
 
             mean = np.broadcast_to(np.asarray(CHANNEL_MEAN, np.float32), d.mean.shape).copy()
-        self.train_x, self.train_y, self.mean = step_lib.replicate((d.train.images, d.train.labels, mean), self.mesh)
+        self.mean = step_lib.replicate(mean, self.mesh)
 
     def _eval_step(self, model):
         std = self.std
         normalize = augment.normalize if std is None else (lambda im, m: augment.normalize(im, m) / std)
-        return step_lib.make_eval_step(model, self.mesh, normalize)
+        return evaluators.make_eval_step(model, self.mesh, normalize)
+
+    def build_eval(self, model) -> None:
+        """What evaluating ``model`` needs, and nothing of training (``resflax eval``)."""
+        self._place_input()
+        self._eval = self._eval_step(model)
 
     def build(self, model, tx, step_cfg) -> None:
         self._place()
@@ -152,12 +166,13 @@ class CifarTask:
         return self._train(states, alive, self.train_x, self.train_y, self.mean)
 
     def evaluate(self, state, splits=("test", "val"), member: int | None = None) -> dict[str, dict]:
+        """``{split: {"error", "loss", "count"}}`` of ``state`` (of population member ``member``)."""
         ev = self._eval if member is None else self._member_evals[member]
         out = {}
         for name, split in (("test", self.data.test), ("val", self.data.val)):
             if split is not None and name in splits:
-                out[name] = step_lib.evaluate(ev, state, split.images, split.labels, self.mean,
-                                              self.config.eval_batch_size, self.mesh)
+                out[name] = evaluators.on_arrays(ev, split.images, split.labels, self.mean,
+                                                 self.config.eval_batch_size, self.mesh).run(state)
         return out
 
     def input_state(self, step: int) -> dict:
@@ -165,37 +180,6 @@ class CifarTask:
 
     def close(self) -> None:
         pass
-
-
-class _Slice:
-    """Examples ``[start, stop)`` of a source (picklable: grain workers receive it)."""
-
-    def __init__(self, source, start: int, stop: int):
-        self.source, self.start, self.stop = source, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return self.source[self.start + int(i)]
-
-
-def _fingerprint(source, n: int = 4) -> str:
-    """A short identity of a split (its size and a few images' bytes): keys the mean cache, and tells a
-    resumption whether it reads the same training set."""
-    h = hashlib.sha256(str(len(source)).encode())
-    for i in np.linspace(0, len(source) - 1, min(n, len(source))).round().astype(int):
-        h.update(bytes(source[int(i)]["image"]))
-    return h.hexdigest()[:16]
-
-
-def cache_dir(config) -> Path:
-    """resflax's cache: ImageNet per-pixel means, CIFAR-10's decoded arrays."""
-    if config.get("mean_cache_dir"):
-        return Path(config.mean_cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "resflax"
 
 
 class ImageNetTask:
@@ -213,29 +197,22 @@ class ImageNetTask:
         if self.workers == -1:
             self.workers = max(0, min(32, (os.cpu_count() or 1) - 1))
         src = imagenet_source.open_source(config.dataset, plan.data_dir)
-        train, self.val = src.train, None
-        if config.val_examples:
-            if not 0 < config.val_examples < len(train):
-                raise DataError(f"val_examples must be in (0, {len(train)}), got {config.val_examples}")
-            cut = len(train) - config.val_examples
-            train, self.val = _Slice(src.train, 0, cut), _Slice(src.train, cut, len(src.train))
+        train, self.val = imagenet_source.split_train(src.train, config.val_examples)
         self.train, self.test, self.source = train, src.validation, src
         self.pcount, self.pindex = jax.process_count(), jax.process_index()
         if config.batch_size % self.pcount:
             raise BadInput(f"batch_size {config.batch_size} is not divisible by the {self.pcount} processes")
         self.stream = Stream(len(train), config.batch_size, config.seed, self.pindex, self.pcount)
-        self.fingerprint = _fingerprint(train)
+        self.fingerprint = imagenet_source.fingerprint(train)
         self.steps_per_epoch = len(train) / config.batch_size
         t0 = time.time()
         if config.mean == "pixel":
-            path = imagenet.mean_cache_path(cache_dir(config), f"{src.name}-{self.fingerprint}", src.version,
-                                            config.mean_images, self.cfg)
-            cached = path.exists()
-            self.mean_host = imagenet.load_or_compute_mean(
-                path, lambda: imagenet.sample_images(train, config.mean_images), self.cfg)
-            how = f"{'read from' if cached else 'computed from'} {min(config.mean_images, len(train))} " \
-                  f"training images, cached at {path}"
-            how += "" if cached else f" ({time.time() - t0:.0f}s)"
+            pm = imagenet_source.pixel_mean(src, train, cache_dir(config), config.mean_images, self.cfg,
+                                            self.fingerprint)
+            self.mean_host = pm.mean
+            how = f"{'read from' if pm.cached else 'computed from'} {min(config.mean_images, len(train))} " \
+                  f"training images, cached at {pm.path}"
+            how += "" if pm.cached else f" ({time.time() - t0:.0f}s)"
         else:
             self.mean_host = imagenet.channel_mean()
             how = f"per-channel {tuple(imagenet.CHANNEL_MEAN)}"
@@ -265,8 +242,7 @@ class ImageNetTask:
             return x if std is None else x / std
 
         self._train = step_lib.make_batch_train_step(model, tx, step_cfg, self.mesh, finish)
-        self._eval = step_lib.make_eval_step(model, self.mesh, lambda images, mean: finish(images, mean, None),
-                                             top5=True)
+        self._eval = self._eval_step(model)
         self.mean = step_lib.replicate(self.mean_host, self.mesh)
         self._sharded = NamedSharding(self.mesh, P(step_lib.AXIS))
 
@@ -311,34 +287,33 @@ class ImageNetTask:
 
     # ---- evaluation ----------------------------------------------------------------------------------------
 
-    def _eval_split(self, state, source) -> dict[str, float]:
-        from resflax.data import imagenet_input  # noqa: PLC0415
-        from resflax.train.distributed import to_host  # noqa: PLC0415
+    def _eval_step(self, model):
+        """The eval program: the centre crop normalised as in training (without lighting), top-1 and top-5."""
+        from resflax.data import imagenet  # noqa: PLC0415
 
-        ndev = self.mesh.size
-        unit = ndev * self.pcount // np.gcd(ndev, self.pcount)
-        batch = max(unit, self.config.eval_batch_size - self.config.eval_batch_size % unit)
-        ds = imagenet_input.eval_dataset(source, batch, self.pindex, self.pcount, self.cfg)
-        it = imagenet_input.loader(ds, workers=self.workers, read_threads=self.config.loader_threads)
-        sums = None
-        try:
-            for b in it:
-                out = self._eval(state.params, state.batch_stats, self._global(b["image"]),
-                                 self._global(b["label"]), self._global(b["mask"]), self.mean)
-                sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-        finally:
-            it.close()
-        totals = {k: float(v) for k, v in to_host(sums).items()}
-        n = len(source)
-        if int(totals["count"]) != n:
-            raise RuntimeError(f"evaluation counted {totals['count']} examples, expected {n}")
-        return {"error": 100.0 * totals["errors"] / n, "top5_error": 100.0 * totals["errors5"] / n,
-                "loss": totals["loss"] / n, "count": n}
+        std = self.std_host
 
-    def evaluate(self, state, splits=("test", "val")) -> dict[str, dict]:
-        out = {"test": self._eval_split(state, self.test)}
-        if self.val is not None and "val" in splits:
-            out["val"] = self._eval_split(state, self.val)
+        def normalize(images, mean):
+            x = imagenet.finish_batch(images, mean, None, xp=jnp)
+            return x if std is None else x / std
+
+        return evaluators.make_eval_step(model, self.mesh, normalize, top5=True)
+
+    def build_eval(self, model) -> None:
+        """What evaluating ``model`` needs, and nothing of training (``resflax eval``)."""
+        self._eval = self._eval_step(model)
+        self.mean = step_lib.replicate(self.mean_host, self.mesh)
+
+    def evaluate(self, state, splits=("test", "val"), member: int | None = None) -> dict[str, dict]:
+        """``{split: {"error", "top5_error", "loss", "count"}}`` of ``state`` (the validation split is "test",
+        the held-out part of the training split "val"); no populations here (``member`` must be None)."""
+        if member is not None:
+            raise ValueError(f"{self.config.dataset} runs have no population members")
+        out = {}
+        for name, source in (("test", self.test), ("val", self.val)):
+            if source is not None and name in splits:
+                out[name] = evaluators.on_loader(self._eval, source, self.cfg, self.mean, self.config.eval_batch_size,
+                                                 self.mesh, self.workers, self.config.loader_threads).run(state)
         return out
 
     def close(self) -> None:

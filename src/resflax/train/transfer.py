@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from resflax import weights
+from resflax.data.files import cache_dir
 from resflax.errors import BadInput, DataError, WorkdirError
 from resflax.train import evaluate, loop, tasks
 from resflax.train import state as state_lib
@@ -90,11 +91,11 @@ def export_weights(workdir: str | Path, out: str | Path, layout: str | None = No
     """The latest good checkpoint of ``workdir`` as a ``.safetensors`` state dict (read-only on the workdir)."""
     if Path(out).suffix != ".safetensors":
         raise BadInput(f"--out must name a .safetensors file, got {out}")
-    config, p, state = evaluate.restore(workdir, locate_data=False)
+    config, run, state = evaluate.restore(workdir, locate_data=False)
     layout = layout or ("cifar" if tasks.is_cifar(config) else "torchvision")
-    weights.check_variant({}, p.model, layout)  # a v1 or append-layout model would load silently and differ
+    weights.check_variant({}, run.model, layout)  # a v1 or append-layout model would load silently and differ
     host = to_host({"params": state.params, "batch_stats": state.batch_stats})
-    sd = weights.to_torch(host, p.model, layout)
+    sd = weights.to_torch(host, run.model, layout)
     weights.write_state_dict(sd, out)
     return {"workdir": str(workdir), "out": str(out), "layout": layout, "step": int(to_host(state.step)),
             "tensors": len(sd)}
@@ -104,7 +105,7 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
     """Top-``top`` classes (index, name, probability) of each image file, with the run's preprocessing."""
     from resflax.data import imagenet  # noqa: PLC0415
 
-    config, p, state = evaluate.restore(workdir, locate_data=False)
+    config, run, state = evaluate.restore(workdir, locate_data=False)
     names = _class_names(config)
     variables = to_host({"params": state.params, "batch_stats": state.batch_stats})
     if tasks.is_cifar(config):
@@ -131,7 +132,7 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         x = crop[None].astype(np.float32) / 255 - mean
         if std is not None:
             x = x / std
-        probs = np.asarray(jax.nn.softmax(p.model.apply(variables, x, train=False)[0]))
+        probs = np.asarray(jax.nn.softmax(run.model.apply(variables, x, train=False)[0]))
         best = np.argsort(-probs, kind="stable")[:top]
         out.append({"image": str(f), "top": [{"class": int(i), "name": names[i] if names else str(int(i)),
                                                "probability": float(probs[i])} for i in best]})
@@ -145,15 +146,12 @@ def _mean(config, size: int) -> np.ndarray:
     if tasks.is_cifar(config):
         from resflax.data import cifar10  # noqa: PLC0415
 
-        return cifar10.load(cifar10.locate(config.data_dir), config.val_examples, tasks.cache_dir(config)).mean
-    from resflax.data import imagenet, imagenet_source  # noqa: PLC0415
+        return cifar10.load(cifar10.locate(config.data_dir), config.val_examples, cache_dir(config)).mean
+    from resflax.data import imagenet_source  # noqa: PLC0415
 
     src = imagenet_source.open_source(config.dataset, config.data_dir)
-    train = src.train if not config.val_examples else tasks._Slice(src.train, 0, len(src.train) - config.val_examples)
-    cfg = tasks.preprocess(config)
-    path = imagenet.mean_cache_path(tasks.cache_dir(config), f"{src.name}-{tasks._fingerprint(train)}", src.version,
-                                    config.mean_images, cfg)
-    return imagenet.load_or_compute_mean(path, lambda: imagenet.sample_images(train, config.mean_images), cfg)
+    train, _ = imagenet_source.split_train(src.train, config.val_examples)
+    return imagenet_source.pixel_mean(src, train, cache_dir(config), config.mean_images, tasks.preprocess(config)).mean
 
 
 def _class_names(config) -> list[str] | None:
