@@ -301,7 +301,19 @@ def test_default_xla_flags_respect_user_and_version():
     from resflax import xla
 
     assert xla.default_flags("0.0.1") == []
-    assert xla.default_flags(xla.TESTED_JAXLIB[0]) == [f"{xla.YNN_FLAG}={xla.YNN_VALUE}"]
+    assert xla.default_flags(xla.TESTED_JAXLIB[0], cpu=frozenset({"avx2"})) == [f"{xla.YNN_FLAG}={xla.YNN_VALUE}"]
+    # where YNNPACK fusions were measured to compute wrong sync-BN gradients: none (XLA's own default)
+    assert xla.default_flags(xla.TESTED_JAXLIB[0], cpu=frozenset({"avx2", "avx512_fp16"})) == []
+    assert xla.default_flags() == xla.default_flags(cpu=xla.cpu_features())
+
+
+def test_default_xla_flag_follows_the_cpu():
+    """Without RESFLAX_XLA_DEFAULTS=force, a fresh process adds the flag exactly where default_flags says for
+    this machine's CPU."""
+    from resflax import xla
+
+    out = _xla_child()
+    assert out["after"] == (" ".join(xla.default_flags()) or None)
 
 
 # A fresh interpreter: XLA_FLAGS before and after `import resflax.models`, what further configure() calls
@@ -347,7 +359,7 @@ def _xla_child(xla_flags=None, defaults=None):
 def _tested_jaxlib():
     from resflax import xla
 
-    if not xla.default_flags():
+    if not xla.default_flags(cpu=frozenset()):
         pytest.skip("the YNN flag is only set (and known to exist) for the tested jaxlib versions")
     return xla
 
@@ -358,7 +370,7 @@ def test_user_xla_flags_are_never_replaced():
     by later configure() calls."""
     _tested_jaxlib()
     user = "--xla_cpu_experimental_ynn_fusion_type=eltwise  --xla_force_host_platform_device_count=3"
-    out = _xla_child(user)
+    out = _xla_child(user, defaults="force")
     assert out["after_import"] == out["after"] == user
     assert out["again"] == [] and out["fresh"] == []
     assert out["devices"] == 3
@@ -371,13 +383,13 @@ def test_default_xla_flag_added_once():
     they were, in front."""
     xla = _tested_jaxlib()
     flag = f"{xla.YNN_FLAG}={xla.YNN_VALUE}"
-    out = _xla_child()
+    out = _xla_child(defaults="force")  # the flag on any CPU (this one may be where it is not set by default)
     assert out["after_import"] == out["after"] == flag
     assert out["again"] == [flag] and out["fresh"] == []
     assert out["reduce_ynn"] >= 1 and out["eltwise_ynn"] >= 1  # "eltwise,reduce" in effect
     assert out["devices"] == 1
     user = "--xla_force_host_platform_device_count=2"
-    out = _xla_child(user)
+    out = _xla_child(user, defaults="force")
     assert out["after"] == f"{user} {flag}" and out["after"].count(xla.YNN_FLAG) == 1
     assert out["devices"] == 2 and out["eltwise_ynn"] >= 1 and out["reduce_ynn"] >= 1
 

@@ -1,7 +1,9 @@
 """XLA flags resflax sets by default, and why (see docs/performance.md).
 
 ``--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce`` makes XLA:CPU run elementwise and reduction fusions
-through YNNPACK. On this project's ResNets it roughly doubles the CPU training step and makes it scale
+through YNNPACK (not on CPUs where it was measured to compute wrong gradients, see ``YNN_UNSAFE_CPU``;
+``RESFLAX_XLA_DEFAULTS=force`` sets it there too). On this project's ResNets it roughly doubles the CPU
+training step and makes it scale
 linearly with depth: without it, XLA fuses whole BN + add + ReLU chains into the transposes that feed the
 weight-gradient convolutions and recomputes them (81% of ResNet-110's step), and compile time grows too.
 The flag is experimental: an unknown value aborts the process, so it is only set for the jaxlib versions it
@@ -21,6 +23,14 @@ import jaxlib
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_VALUE = "eltwise,reduce"
 TESTED_JAXLIB = ("0.10.2",)
+# CPUs on which jaxlib 0.10.2's YNNPACK fusions compute wrong or loose numbers, so resflax adds no flag there
+# (XLA's own default). Measured on a Sapphire Rapids Xeon (AMX, AVX512-FP16), fast layers against nn.BatchNorm
+# (tests/test_speed_numerics.py): with "eltwise,reduce" synchronised BN's gradients came out up to 4% of the
+# leaf's largest value off; with "eltwise" alone one forward/backward of ResNet-8 differed by 1.1e-5 of it (7x
+# what the same comparison gives elsewhere); "reduce" alone (XLA's default) and no flag agree to float32
+# rounding (1.5e-6). The cost there: ResNet-20's CPU step at 245 img/s against 376 ("eltwise") and 395
+# ("eltwise,reduce"), benchmarks/step_time.py, batch 128, same machine.
+YNN_UNSAFE_CPU = frozenset({"avx512_fp16"})
 
 _configured: list[str] | None = None
 
@@ -35,11 +45,27 @@ def _backend_started() -> bool:
         return False
 
 
-def default_flags(jaxlib_version: str | None = None) -> list[str]:
-    """The flags resflax would add for this jaxlib (empty if the version is untested)."""
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (``/proc/cpuinfo``); empty where that is not readable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def default_flags(jaxlib_version: str | None = None, cpu: frozenset[str] | None = None) -> list[str]:
+    """The flags resflax would add for this jaxlib (empty if the version is untested) on a CPU with the
+    features ``cpu`` (default: this one's)."""
     if jaxlib_version is None:
         jaxlib_version = jaxlib.__version__
     if jaxlib_version not in TESTED_JAXLIB:
+        return []
+    cpu = cpu_features() if cpu is None else cpu
+    if cpu & YNN_UNSAFE_CPU:
         return []
     return [f"{YNN_FLAG}={YNN_VALUE}"]
 
@@ -50,10 +76,12 @@ def configure() -> list[str]:
     if _configured is not None:
         return _configured
     _configured = []
-    if os.environ.get("RESFLAX_XLA_DEFAULTS", "1") in ("0", "false", "False", "no"):
+    mode = os.environ.get("RESFLAX_XLA_DEFAULTS", "1")
+    if mode in ("0", "false", "False", "no"):
         return _configured
     current = os.environ.get("XLA_FLAGS", "")
-    add = [f for f in default_flags() if f.split("=")[0] not in current]
+    flags = default_flags(cpu=frozenset() if mode == "force" else None)
+    add = [f for f in flags if f.split("=")[0] not in current]
     if not add:
         return _configured
     if _backend_started():
