@@ -133,3 +133,22 @@ def test_make_puts_data_where_the_user_says():
         assert "shared" not in out, (target, out)
     for target in ("imagenet-data", "imagenet-resnet50"):
         assert "shared" not in dry(target), target
+
+
+def test_a_signal_is_reported_once(tmp_path, capsys, monkeypatch):
+    """``resflax train`` stopped by a signal says so in one line (the loop's), not twice."""
+    orig = loop._Preemption.__enter__
+
+    def signalled(self):
+        orig(self)
+        self.requested = True
+        return self
+    monkeypatch.setattr(loop._Preemption, "__enter__", signalled)
+    with mock():
+        rc = cli.main(["train", "--config=experiments/cifar10.py:resnet8", "--config.batch_size=16",
+                       "--config.num_steps=6", "--config.progress=False", f"--workdir={tmp_path / 'w'}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert [line for line in out.splitlines() if "rerun the same command" in line] == [
+        "stopped by signal before the first step; nothing new to checkpoint (there is no checkpoint yet), rerun "
+        "the same command to resume"], out

@@ -37,12 +37,10 @@ def run_train(config: Any, workdir: str | None, start_over: bool) -> int:
             elif result["finished"] and m["test_error"] is not None:
                 print(f"{m['name']}: final test error: {m['test_error']:.2f}% (step {m['step']}, "
                       f"state_digest {m['state_digest'][:16]})")
-        if not result["finished"]:
-            print(f"stopped at step {result['step']} (not finished); rerun the same command to resume")
     elif result["test_error"] is not None and result["finished"]:
         print(f"final test error: {result['test_error']:.2f}% (step {result['step']}, "
               f"state_digest {result['state_digest'][:16]})")
-    else:
+    if not result["finished"] and not result.get("stopped_by_signal"):  # a signal's stop was said by the loop
         print(f"stopped at step {result['step']} (not finished); rerun the same command to resume")
     return 0
 

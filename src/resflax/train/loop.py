@@ -438,16 +438,17 @@ def _loop(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, cha
         c.close()
     for w in writers:
         w.close()
+    stopped = {"stopped_by_signal": True} if pre.requested or stop else {}  # and said so above
     if not mem.population:
         result = {"step": out[0]["step"], "test_error": out[0]["test_error"], "state_digest": out[0]["state_digest"],
-                  "finished": step >= p.num_steps}
+                  "finished": step >= p.num_steps, **stopped}
         if out[0]["val_error"] is not None:
             result["val_error"] = out[0]["val_error"]
         return result
     for o in out:
         o.pop("val_error")
     return {"step": step, "finished": step >= p.num_steps, "members": out, "test_error": None,
-            "state_digest": None}
+            "state_digest": None, **stopped}
 
 
 def _progress(config, start: int, total: int):
