@@ -1,9 +1,13 @@
-"""``train_and_evaluate(config, workdir)``: the training loop of the paper for CIFAR-10 and ImageNet, as a
-library function. What differs between the datasets (where batches come from, the train step, evaluation) is
-a task (``train.tasks``); everything else here is shared.
+"""``train_and_evaluate(config, workdir)``: the training loop, the only one, as a library function. It owns the
+order of a run: the plan (the config checked and turned into model, mesh and schedule before anything is
+written), the workdir lock and ``config.json``, restoring, the step cadence (log, evaluate, save), warm-up and
+lr-drop records, preemption by signals, divergence and the final result. It trains K >= 1 members
+(``train.members``): a single run is K = 1, a population K > 1 in one program. What differs between
+datasets (where batches come from, the device program, evaluation) is a task (``train.tasks``); the learning
+rate is ``train.schedules``'; checkpoints and the run directory are ``train.checkpoint``/``train.workdir``'s.
 
-Bad input is refused before anything is written: unknown model, bad dtype/weight-decay setting, a batch
-that does not divide by the devices, missing data, a workdir in use or holding another experiment.
+Bad input is refused before anything is written: unknown model, bad settings (``resflax.configs``), a batch
+that does not divide by the devices, missing or damaged data, a workdir in use or holding another experiment.
 """
 
 from __future__ import annotations
