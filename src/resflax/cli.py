@@ -91,10 +91,11 @@ def _print_keys(values: dict[str, Any], helps: dict[str, str], width: int = 0) -
 def _train_help(argv: list[str]) -> int:
     """``resflax train --help``: the keys of ``--config``'s experiment with its values, or (without it) every
     key of ``resflax.configs.KEYS`` with the base defaults, by experiment."""
+    # start-up time: only `train`/`import` parse config flags (absl, ml_collections)
     from absl import flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
-    from resflax import configs  # noqa: PLC0415
+    from resflax import configs  # noqa: PLC0415 (start-up time, as above)
 
     print(TRAIN_USAGE)
     helps = {k.name: k.help for k in configs.KEYS.values()}
@@ -134,6 +135,7 @@ def _parse_config(prog: str, argv: list[str], define) -> tuple[Any, list[str]]:
     """absl flags with an ml-collections ``--config`` file (and ``--config.KEY=VALUE`` overrides) plus the
     flags ``define(fl)`` adds; returns (flag values, positional arguments). Bad flags or a config that does
     not load raise ``BadInput`` with one line."""
+    # start-up time: only `train`/`import` parse config flags (absl, ml_collections)
     from absl import flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 

@@ -16,9 +16,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from resflax.analysis.runs import portable_path
+from resflax.analysis.runs import colour, family_depth, label, portable_path
+from resflax.data import augment, cifar10
+from resflax.data.files import cache_dir
+from resflax.models import unpack_blocks
+from resflax.train import evaluators
+from resflax.train.evaluate import load_config, restore
 
 _LAYER = re.compile(r"^stage(\d+)/block(\d+)/bn(\d+)$")
 _LEAF = re.compile(r"stem_bn|bn\d+")
@@ -57,11 +64,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def make_stats_fn(model):
     """A jitted ``f(variables, images_u8, weights, mean) -> {layer: (count, mean, M2)}`` for one batch."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    from resflax.data import augment  # noqa: PLC0415
-
     def f(variables, images, weights, mean):
         _, state = model.apply(variables, augment.normalize(images, mean), train=False, mutable=["intermediates"])
         flat = _flatten(state["intermediates"])
@@ -81,11 +83,6 @@ def make_stats_fn(model):
 def response_stds(model, variables, images_u8: np.ndarray, mean: np.ndarray,
                   batch_size: int = 500) -> list[tuple[str, float]]:
     """``[(layer name, std)]`` of ``model``'s 3x3 layers over ``images_u8`` (N, 32, 32, 3 uint8), in order."""
-    import jax  # noqa: PLC0415
-
-    from resflax.models import unpack_blocks  # noqa: PLC0415
-    from resflax.train import evaluators  # noqa: PLC0415
-
     variables = unpack_blocks(model, variables)  # the unrolled call that sows per-layer outputs needs them
     stats_fn = make_stats_fn(model)
     batch_size = min(batch_size, len(images_u8))
@@ -109,12 +106,6 @@ def response_stds(model, variables, images_u8: np.ndarray, mean: np.ndarray,
 def run_responses(workdir: str | Path, data_dir: str | None = None, max_images: int | None = None,
                   batch_size: int = 500, _cache: dict | None = None) -> dict[str, Any]:
     """Fig. 7 data of the latest checkpoint of a run: ``{run, model, step, images, layers: [(name, std)]}``."""
-    import jax  # noqa: PLC0415
-
-    from resflax.data import cifar10  # noqa: PLC0415
-    from resflax.data.files import cache_dir  # noqa: PLC0415
-    from resflax.train.evaluate import load_config, restore  # noqa: PLC0415
-
     config = load_config(workdir)
     if data_dir:
         config.data_dir = data_dir
@@ -143,12 +134,11 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
 
 def plot_fig7(results: list[dict[str, Any]], path: Path) -> None:
     """Two panels like the paper's Fig. 7: stds in layer order, and sorted in descending order."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 (pyplot only after the Agg backend is chosen)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use)
 
-    from resflax.analysis.runs import colour, family_depth, label  # noqa: PLC0415
 
     models = [r["model"] for r in results]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7.5, 6.5))

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder, registered
 
+from resflax.data import imagenet
 from resflax.data.cifar10 import candidate_dirs
 from resflax.data.integrity import DamagedData, check_files
 from resflax.errors import DataError
@@ -103,8 +104,6 @@ def pixel_mean(source: ImageNetSource, train, cache_dir: str | os.PathLike, num_
     ``source`` a run uses) as the run's preprocessing ``cfg`` crops them for evaluation, cached under
     ``cache_dir`` by dataset, version, ``fingerprint(train)`` (computed unless given), image count and
     preprocessing. The one place the mean of a run's ImageNet-style data is found (training and reading)."""
-    from resflax.data import imagenet  # noqa: PLC0415
-
     fp = fingerprint(train) if train_fingerprint is None else train_fingerprint
     path = imagenet.mean_cache_path(cache_dir, f"{source.name}-{fp}", source.version, num_images, cfg)
     cached = path.exists()

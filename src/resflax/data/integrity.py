@@ -31,6 +31,7 @@ _CHECKED: dict[str, tuple[int, int, int]] = {}  # path -> (size, mtime_ns, inode
 
 def _records(path: str) -> int:
     """The number of records an ArrayRecord file's index lists; 0 if it has none (cut short, damaged)."""
+    # noqa reason: array_record's C extension is loaded only when a data check runs (start-up time)
     from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
 
     try:

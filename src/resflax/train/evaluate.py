@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 from resflax.errors import BadInput
-from resflax.train import build, tasks
+from resflax.train import build, protocols, tasks
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 from resflax.train.checkpoint import Checkpointer
@@ -108,8 +108,6 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, protocol:
     """Test error of the latest good checkpoint with a test ``protocol`` (``center``; ImageNet-style runs
     also ``10crop`` and ``multiscale``, see ``train.protocols``). ``record`` appends the result as one
     ``{"event": "eval", ...}`` line to the run's metrics.jsonl (the only write; off by default)."""
-    from resflax.train import protocols  # noqa: PLC0415
-
     if protocol not in protocols.PROTOCOLS:
         raise BadInput(f"protocol must be one of {', '.join(protocols.PROTOCOLS)}, got {protocol!r}")
     config = load_config(workdir)

@@ -28,7 +28,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resflax.data import augment
+from resflax.data import augment, imagenet_input
 from resflax.train.distributed import to_host
 from resflax.train.step import AXIS
 
@@ -147,8 +147,6 @@ def loader_batches(source, cfg, batch_size: int, mesh, workers: int, read_thread
     sharding = NamedSharding(mesh, P(AXIS))
 
     def batches() -> Iterator:
-        from resflax.data import imagenet_input  # noqa: PLC0415
-
         ds = imagenet_input.eval_dataset(source, batch, pindex, pcount, cfg)
         it = imagenet_input.loader(ds, workers=workers, read_threads=read_threads)
         try:

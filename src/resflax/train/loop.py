@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from resflax import configs
 from resflax.errors import BadInput, DivergenceError
@@ -156,8 +158,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_o
                 except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other processes)
                     failed = e
             if jax.process_count() > 1:  # the others follow process 0's verdict instead of hanging
-                from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-process runs only)
-
                 ok = bool(multihost_utils.broadcast_one_to_all(np.int32(failed is None)))
                 if not ok and failed is None:
                     raise wd.WorkdirError(f"process 0 could not use workdir {path} (its message says why)")
@@ -458,6 +458,5 @@ def _loop(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, cha
 def _progress(config, start: int, total: int):
     if not config.progress or jax.process_index() != 0:
         return None
-    from tqdm.auto import tqdm  # noqa: PLC0415
 
     return tqdm(total=total, initial=start, desc=config.model, unit="step", dynamic_ncols=True, mininterval=2.0)

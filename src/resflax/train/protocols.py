@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from resflax.data import imagenet
 from resflax.train import evaluators
@@ -124,8 +125,6 @@ def run(protocol: str, model, variables, source, mean: np.ndarray, cfg: imagenet
             flush()
     counts = np.array([errors[0], errors[1], len(indices)], np.float64)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
     m = evaluators.metrics({"errors": counts[0], "errors5": counts[1], "count": counts[2]}, len(source),
                            f"protocol {protocol}")

@@ -7,11 +7,13 @@ permutation per epoch), so restoring ``step`` and ``rng`` restores the input pip
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -92,10 +94,6 @@ def init_state(model, tx_fn, seed: int, image_shape, warmup: bool) -> TrainState
 
 def tree_digest(host_tree: Any) -> str:
     """SHA-256 over every leaf (path, dtype, shape, bytes) of a host pytree: equal iff bit-identical."""
-    import hashlib  # noqa: PLC0415
-
-    import numpy as np  # noqa: PLC0415
-
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(host_tree)[0]:
         arr = np.asarray(leaf)

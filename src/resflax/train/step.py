@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -53,7 +54,6 @@ def replicate(tree: Any, mesh) -> Any:
 
     def put(x):
         x = jnp.asarray(x) if not hasattr(x, "shape") else x
-        import numpy as np  # noqa: PLC0415
 
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])

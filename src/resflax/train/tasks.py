@@ -21,6 +21,7 @@ A task's interface: ``event`` (what the loop records about the data), ``image_sh
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -29,8 +30,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resflax.data import augment
+from resflax.data import augment, cifar10, imagenet, imagenet_input, imagenet_source
 from resflax.data.files import cache_dir
+from resflax.data.imagenet import CHANNEL_MEAN
+from resflax.data.sharding import Stream
 from resflax.errors import BadInput, DataError
 from resflax.train import evaluators
 from resflax.train import step as step_lib
@@ -47,13 +50,9 @@ def locate(config) -> tuple[str, int | None]:
     the number of classes the model needs (``None``: the model's own, CIFAR-10's 10). Checks
     ``val_examples`` against the training set's size."""
     if is_cifar(config):
-        from resflax.data import cifar10  # noqa: PLC0415
-
         found = cifar10.locate(config.data_dir), None  # prepares it once if the prepare extra is installed
         num_train = 50_000
     else:
-        from resflax.data import imagenet_source  # noqa: PLC0415
-
         src = imagenet_source.open_source(config.dataset, config.data_dir)
         found, num_train = (src.data_dir, config.get("num_classes") or src.num_classes), len(src.train)
     if config.val_examples and not 0 < config.val_examples < num_train:
@@ -78,8 +77,6 @@ def validate(config, model) -> None:
 
 
 def preprocess(config):
-    from resflax.data import imagenet  # noqa: PLC0415
-
     return imagenet.Preprocess(
         crop=config.crop, scale_range=tuple(config.scale_range), size=config.image_size,
         eval_resize=config.eval_resize, flip=config.flip, lighting_std=config.lighting_std, draft=config.draft,
@@ -100,10 +97,6 @@ class CifarTask:
     image_shape = (32, 32, 3)
 
     def __init__(self, config, plan, say):
-        import time  # noqa: PLC0415
-
-        from resflax.data import cifar10  # noqa: PLC0415
-
         t0 = time.time()
         self.config, self.mesh = config, plan.mesh
         self.data = data = cifar10.load(plan.data_dir, config.val_examples, cache_dir(config))
@@ -126,7 +119,6 @@ class CifarTask:
         mean = d.mean
         self.std = np.asarray(self.config.std, np.float32) if self.config.get("std") else None
         if self.config.get("mean", "pixel") == "channel":  # imported weights' normalisation
-            from resflax.data.imagenet import CHANNEL_MEAN  # noqa: PLC0415
 
             mean = np.broadcast_to(np.asarray(CHANNEL_MEAN, np.float32), d.mean.shape).copy()
         self.mean = step_lib.replicate(mean, self.mesh)
@@ -186,11 +178,6 @@ class ImageNetTask:
     """A TFDS dataset of encoded images read through a grain loader (the paper's Sec. 3.4 pipeline)."""
 
     def __init__(self, config, plan, say):
-        import time  # noqa: PLC0415
-
-        from resflax.data import imagenet, imagenet_source  # noqa: PLC0415
-        from resflax.data.sharding import Stream  # noqa: PLC0415
-
         self.config, self.mesh, self.say, self.num_steps = config, plan.mesh, say, plan.num_steps
         self.cfg = preprocess(config)
         self.workers = config.loader_workers
@@ -233,8 +220,6 @@ class ImageNetTask:
         return (self.cfg.size, self.cfg.size, 3)
 
     def build(self, model, tx, step_cfg) -> None:
-        from resflax.data import imagenet  # noqa: PLC0415
-
         std = self.std_host  # imported weights' normalisation (e.g. torchvision's); None: the paper's
 
         def finish(images, mean, lighting):
@@ -262,8 +247,6 @@ class ImageNetTask:
         self._open(step)
 
     def _open(self, step: int) -> None:
-        from resflax.data import imagenet_input  # noqa: PLC0415
-
         self.close()
         remaining = max(0, self.num_steps - step)
         ds = imagenet_input.train_dataset(self.train, self.stream, remaining, start_step=step, cfg=self.cfg)
@@ -289,8 +272,6 @@ class ImageNetTask:
 
     def _eval_step(self, model):
         """The eval program: the centre crop normalised as in training (without lighting), top-1 and top-5."""
-        from resflax.data import imagenet  # noqa: PLC0415
-
         std = self.std_host
 
         def normalize(images, mean):

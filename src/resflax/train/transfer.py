@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from resflax import weights
+from resflax.data import cifar10, imagenet, imagenet_source, jpeg
 from resflax.data.files import cache_dir
 from resflax.errors import BadInput, DataError, WorkdirError
 from resflax.train import evaluate, loop, tasks
@@ -103,8 +104,6 @@ def export_weights(workdir: str | Path, out: str | Path, layout: str | None = No
 
 def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[str, Any]]:
     """Top-``top`` classes (index, name, probability) of each image file, with the run's preprocessing."""
-    from resflax.data import imagenet  # noqa: PLC0415
-
     config, run, state = evaluate.restore(workdir, locate_data=False)
     names = _class_names(config)
     variables = to_host({"params": state.params, "batch_stats": state.batch_stats})
@@ -121,7 +120,6 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         data = Path(f).read_bytes()
         try:
             if cfg is None:  # CIFAR: the whole image at 32x32
-                from resflax.data import jpeg  # noqa: PLC0415
 
                 w, h = jpeg.image_size(data)
                 crop = jpeg.decode_box(data, (0, 0, w, h), (32, 32))
@@ -144,10 +142,7 @@ def _mean(config, size: int) -> np.ndarray:
         return np.asarray(TORCH_MEAN, np.float32)
     # the paper's per-pixel mean needs the training data (CIFAR-10's, or the cached ImageNet mean)
     if tasks.is_cifar(config):
-        from resflax.data import cifar10  # noqa: PLC0415
-
         return cifar10.load(cifar10.locate(config.data_dir), config.val_examples, cache_dir(config)).mean
-    from resflax.data import imagenet_source  # noqa: PLC0415
 
     src = imagenet_source.open_source(config.dataset, config.data_dir)
     train, _ = imagenet_source.split_train(src.train, config.val_examples)
@@ -158,7 +153,6 @@ def _class_names(config) -> list[str] | None:
     try:
         if tasks.is_cifar(config):
             return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-        from resflax.data import imagenet_source  # noqa: PLC0415
 
         return imagenet_source.open_source(config.dataset, config.data_dir).class_names or None
     except Exception:  # noqa: BLE001 (no dataset here: class indices only)
