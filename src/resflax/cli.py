@@ -99,7 +99,7 @@ def _train_help(argv: list[str]) -> int:
 
     print(TRAIN_USAGE)
     helps = {k.name: k.help for k in configs.KEYS.values()}
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    spec = next((configs.experiment_path(a.split("=", 1)[1]) for a in argv if a.startswith("--config=")), None)
     if spec is None:
         print("config keys with the base config's defaults (resflax.configs.KEYS); an experiment overrides some\n"
               "(ImageNet's batch_size is 256, ...): `resflax train --help --config=FILE[:ARG]` lists the keys of\n"
@@ -140,6 +140,11 @@ def _parse_config(prog: str, argv: list[str], define) -> tuple[Any, list[str]]:
     from ml_collections import config_flags  # noqa: PLC0415
 
     fl = flags.FlagValues()
+    from resflax import configs  # noqa: PLC0415 (start-up time, as above)
+
+    # a shipped experiment is found from any folder (configs.experiment_path)
+    argv = [f"--config={configs.experiment_path(a.split('=', 1)[1])}" if a.startswith("--config=") else a
+            for a in argv]
     full_argv = [prog, *argv]
     # sys_argv: the --config.KEY overrides are read from this argv, not from sys.argv, so that
     # main(["train", ..., "--config.batch_size=16"]) works from Python.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -62,6 +63,24 @@ class Key:
 
 
 EXPERIMENTS = {"cifar10": "experiments/cifar10.py", "imagenet": "experiments/imagenet.py"}
+# The experiment files installed with resflax (src/resflax/experiments links to the checkout's experiments/)
+SHIPPED = Path(__file__).resolve().parent / "experiments"
+
+
+def experiment_path(spec: str) -> str:
+    """The file a ``--config`` value ``PATH[:ARG]`` names: ``PATH`` itself when it exists; else, when it names
+    a shipped experiment (``experiments/cifar10.py``, ``cifar10.py`` or ``cifar10``), the copy installed with
+    resflax, so the documented commands work from any folder. Anything else is returned as given (and the
+    config loader names it as missing)."""
+    path, sep, arg = spec.partition(":")
+    if not path or Path(path).expanduser().exists():
+        return spec
+    given = Path(path)
+    name = given.name if given.suffix == ".py" else given.name + ".py"
+    shipped = SHIPPED / name
+    if given.parent in (Path("."), Path("experiments")) and shipped.is_file():
+        return str(shipped) + sep + arg
+    return spec
 _RESUMABLE = dict(resumable=True)
 _IMAGENET = dict(only="imagenet")
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from resflax import configs
 from resflax.args import ArgumentParser
 from resflax.errors import BadInput
 from resflax.train.workdir import population_members
@@ -100,10 +101,7 @@ def model_config(argv: list[str]) -> list[str]:
     from resflax.models import model_spec  # noqa: PLC0415 (start-up time)
 
     family = "cifar10" if model_spec(model)["stem"] == "cifar" else "imagenet"
-    path = Path("experiments") / f"{family}.py"
-    if not path.exists():
-        raise BadInput(f"{path} not found: run from the resflax checkout, or give --config=PATH:{model}")
-    return [f"--config={path}:{model}", *out]
+    return [f"--config={configs.experiment_path(f'experiments/{family}.py')}:{model}", *out]
 
 
 def run_import(source: str, config: Any, workdir: str, layout: str | None) -> int:
