@@ -20,12 +20,13 @@ Config files are Python, executed on load by design (like any ml-collections con
 trust. Checkpoints are read with Orbax (no pickle).
 
 Exit codes: 0 done (or checkpointed after SIGTERM/SIGINT), 1 internal error (traceback shown and kept in
-WORKDIR/errors.log), 2 bad input / a file that could not be written / a checkpoint that could not be
-restored (one line on stderr), 3 divergence, 130 a second interrupt.
+WORKDIR/errors.log by train/import, in ~/.cache/resflax/errors/ by the others), 2 bad input / a file that could
+not be written / a checkpoint that could not be restored (one line on stderr), 3 divergence, 130 a second interrupt.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -237,19 +238,33 @@ def _workdir_of(argv: list[str]) -> Path | None:
     return None
 
 
+# train and import write their workdir: an internal error's traceback is kept in WORKDIR/errors.log. The other
+# commands write nothing where they read (eval, export, predict, report, responses): it goes to the user's cache.
+WRITES_WORKDIR = ("train", "import")
+
+
+def _error_log(cmd: str, argv: list[str]) -> Path:
+    workdir = _workdir_of(argv) if cmd in WRITES_WORKDIR else None
+    if workdir is not None and workdir.is_dir():
+        return workdir / "errors.log"
+    from resflax.configs import user_cache_dir  # noqa: PLC0415 (start-up time: configs imports ml_collections)
+
+    return user_cache_dir() / "errors" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cmd}-{os.getpid()}.log"
+
+
 def _internal_error(cmd: str, argv: list[str], err: BaseException) -> int:
     """An exception nobody expected: a bug, or a failure inside JAX/XLA/Orbax. Never called bad input."""
     text = "".join(traceback.format_exception(err))
     sys.stderr.write(text)
     kept = ""
-    workdir = _workdir_of(argv)
-    if workdir is not None and workdir.is_dir():
-        try:
-            with open(workdir / "errors.log", "a") as f:
-                f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} resflax {cmd} {' '.join(argv)}\n{text}")
-            kept = f"; traceback also in {workdir / 'errors.log'}"
-        except OSError:
-            pass
+    try:
+        log = _error_log(cmd, argv)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} resflax {cmd} {' '.join(argv)}\n{text}")
+        kept = f"; traceback also in {log}"
+    except OSError:
+        pass
     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
     print(f"resflax: internal error: {type(err).__name__}{': ' + first if first else ''} (a bug or a failure "
           f"inside JAX/XLA, not bad input{kept})", file=sys.stderr)
