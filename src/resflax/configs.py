@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,12 @@ KEYS: dict[str, Key] = {k.name: k for k in [
         **_RESUMABLE),
     Key("progress", True, "tqdm progress bar", **_RESUMABLE),
 ]}
+
+
+def user_cache_dir() -> Path:
+    """The user's resflax cache folder (what ``mean_cache_dir=None`` means; internal errors of the commands that
+    write no workdir keep their traceback in its ``errors/``): ``$XDG_CACHE_HOME/resflax`` or ``~/.cache/resflax``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "resflax"
 
 
 def keys_of(experiment: str | None) -> list[Key]:

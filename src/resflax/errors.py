@@ -2,7 +2,8 @@
 
 - 0: done, or stopped by SIGTERM/SIGINT after writing a checkpoint.
 - 1: internal error: a bug, or an unexpected failure inside JAX/XLA/Orbax; the traceback goes to stderr and
-  to ``WORKDIR/errors.log``. Anything not listed below.
+  to ``WORKDIR/errors.log`` (``train``, ``import``) or, for the commands that only read a workdir, to the
+  user's cache folder (``configs.user_cache_dir()/errors``). Anything not listed below.
 - 2: bad input (config, flags, data, workdir) ``BadInput``/``DataError``/``WorkdirError``; a file that could
   not be written ``WriteError``/``CheckpointError``; a checkpoint that could not be restored for a reason
   other than damage ``RestoreError``; a peer process that died ``PeerError``.

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from resflax.configs import user_cache_dir
+
 
 def save_atomically(path: str | os.PathLike, save: Callable[[BinaryIO], None]) -> None:
     """``save(f)`` into a temporary file next to ``path``, then renamed to ``path``; on any failure the
@@ -28,7 +30,7 @@ def save_atomically(path: str | os.PathLike, save: Callable[[BinaryIO], None]) -
 
 def cache_dir(config) -> Path:
     """resflax's cache: ImageNet per-pixel means, CIFAR-10's decoded arrays (``config.mean_cache_dir``, else
-    ``$XDG_CACHE_HOME/resflax`` or ``~/.cache/resflax``)."""
+    ``configs.user_cache_dir()``: ``$XDG_CACHE_HOME/resflax`` or ``~/.cache/resflax``)."""
     if config.get("mean_cache_dir"):
         return Path(config.mean_cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "resflax"
+    return user_cache_dir()

@@ -80,9 +80,10 @@ def read(config: ml_collections.ConfigDict, locate_data: bool = True) -> ReadPla
 
 
 def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None, num_devices: int = 0,
-            skipped: list[int] | None = None, locate_data: bool = True):
+            skipped: list[int] | None = None, locate_data: bool = True, purpose: str = "evaluate"):
     """(config, ``ReadPlan``, state) of the latest good checkpoint in ``workdir``, read-only; the steps of
-    damaged checkpoints passed over are appended to ``skipped``."""
+    damaged checkpoints passed over are appended to ``skipped``. Without a checkpoint: ``BadInput`` saying
+    that there is none to ``purpose``."""
     config = config or load_config(workdir)
     config.num_devices = num_devices
     if not locate_data and "num_classes" in config and not config.num_classes:
@@ -99,7 +100,7 @@ def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None
     if skipped is not None:
         skipped.extend(ckpt.skipped)
     if restored is None:
-        raise BadInput(f"{workdir} has no checkpoint to evaluate")
+        raise BadInput(f"{workdir} has no checkpoint to {purpose}")
     return config, p, restored[0]
 
 

@@ -11,6 +11,7 @@ the weights were trained with (torchvision/timm and akamaster: per-channel mean 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import SafetensorError
 
 from resflax import weights
 from resflax.data import cifar10, imagenet, imagenet_source, jpeg
 from resflax.data.files import cache_dir
-from resflax.errors import BadInput, DataError, WorkdirError
+from resflax.errors import BadInput, DataError, WorkdirError, WriteError
 from resflax.train import evaluate, loop, tasks
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
@@ -92,19 +94,32 @@ def export_weights(workdir: str | Path, out: str | Path, layout: str | None = No
     """The latest good checkpoint of ``workdir`` as a ``.safetensors`` state dict (read-only on the workdir)."""
     if Path(out).suffix != ".safetensors":
         raise BadInput(f"--out must name a .safetensors file, got {out}")
-    config, run, state = evaluate.restore(workdir, locate_data=False)
+    _check_writable(Path(out))  # before the checkpoint is read
+    config, run, state = evaluate.restore(workdir, locate_data=False, purpose="export")
     layout = layout or ("cifar" if tasks.is_cifar(config) else "torchvision")
     weights.check_variant({}, run.model, layout)  # a v1 or append-layout model would load silently and differ
     host = to_host({"params": state.params, "batch_stats": state.batch_stats})
     sd = weights.to_torch(host, run.model, layout)
-    weights.write_state_dict(sd, out)
+    try:
+        weights.write_state_dict(sd, out)
+    except (OSError, SafetensorError) as e:  # safetensors' own error for a file it cannot create
+        raise WriteError(f"cannot write {out}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return {"workdir": str(workdir), "out": str(out), "layout": layout, "step": int(to_host(state.step)),
             "tensors": len(sd)}
 
 
+def _check_writable(out: Path) -> None:
+    """``WriteError`` naming ``out`` if its folder is missing or it cannot be written there (nothing is created)."""
+    folder = out.parent
+    if not folder.is_dir():
+        raise WriteError(f"cannot write {out}: no folder {folder}")
+    if out.is_dir() or not os.access(out if out.exists() else folder, os.W_OK):
+        raise WriteError(f"cannot write {out}: {'a folder' if out.is_dir() else 'permission denied'}")
+
+
 def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[str, Any]]:
     """Top-``top`` classes (index, name, probability) of each image file, with the run's preprocessing."""
-    config, run, state = evaluate.restore(workdir, locate_data=False)
+    config, run, state = evaluate.restore(workdir, locate_data=False, purpose="predict with")
     names = _class_names(config)
     variables = to_host({"params": state.params, "batch_stats": state.batch_stats})
     if tasks.is_cifar(config):
@@ -126,7 +141,9 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
             else:
                 crop = imagenet.eval_crop(data, cfg)
         except Exception as e:  # noqa: BLE001 (Pillow raises several types for "not an image")
-            raise BadInput(f"{f} is not an image Pillow can read ({str(e).splitlines()[0]})") from e
+            why = str(e).splitlines()[0] if str(e) else ""  # Pillow's "cannot identify" names a BytesIO: not said
+            why = "" if "object at 0x" in why else f" ({why})" if why else ""
+            raise BadInput(f"{f} is not an image Pillow can read{why}") from e
         x = crop[None].astype(np.float32) / 255 - mean
         if std is not None:
             x = x / std

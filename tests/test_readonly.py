@@ -1,0 +1,154 @@
+"""The read-only commands (eval, responses, report, export, predict) write nothing in the workdirs they read, on
+every path: an internal error's traceback goes to stderr and to a log in the user's cache folder, never to
+WORKDIR/errors.log. The failures a user can cause are exit 2 with one line in resflax's words."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_train import mock
+
+from resflax import cli, configs, weights
+from resflax.analysis import report, responses
+from resflax.train import evaluate, transfer
+
+
+def _cli(argv, capsys):
+    capsys.readouterr()
+    with mock():
+        rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, [ln for ln in err.strip().splitlines() if ln]
+
+
+def disk_state(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` (itself included): kind, size, mtime in ns and, for files, the sha256 of
+    the contents. Equal before and after means nothing was created, removed, changed or touched."""
+    out = {}
+    for p in [root, *sorted(root.rglob("*"))]:
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+def _error_logs() -> set[Path]:
+    """The internal-error logs in the user's cache folder (the README's rule, spelt out here)."""
+    d = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "resflax" / "errors"
+    return set(d.iterdir()) if d.is_dir() else set()
+
+
+@pytest.fixture
+def run(pristine, tmp_path):
+    """A copy of the finished tiny run, and a PNG image outside it."""
+    w = tmp_path / "run"
+    shutil.copytree(pristine[0], w)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8)).save(tmp_path / "img.png")
+    return w
+
+
+def _boom(*a, **k):
+    raise RuntimeError("injected fault")
+
+
+# command -> (the module and name of something the command calls after it opened the run, argv)
+FAULTS = {
+    "eval": (evaluate, "to_host", lambda w, t: ["eval", f"--workdir={w}"]),  # after the test set was evaluated
+    "responses": (responses, "response_stds", lambda w, t: ["responses", "--workdir", str(w), "--max_images", "8"]),
+    "report": (report, "table6_markdown", lambda w, t: ["report", str(w), "--out", str(t / "report")]),
+    "export": (weights, "check_variant", lambda w, t: ["export", f"--workdir={w}", f"--out={t / 'w.safetensors'}"]),
+    "predict": (transfer, "to_host", lambda w, t: ["predict", f"--workdir={w}", str(t / "img.png")]),
+}
+
+
+@pytest.mark.parametrize("command", list(FAULTS))
+def test_an_internal_error_writes_nothing_in_the_workdir(command, run, tmp_path, capsys, monkeypatch):
+    module, name, argv = FAULTS[command]
+    monkeypatch.setattr(module, name, _boom)
+    before, logs_before = disk_state(run), _error_logs()
+    rc, out, err = _cli(argv(run, tmp_path), capsys)
+    assert rc == 1, err
+    assert disk_state(run) == before  # names, sizes, contents and mtimes: no errors.log, nothing else either
+    assert "Traceback (most recent call last)" in err[0] and "injected fault" in "\n".join(err)
+    assert err[-1].startswith("resflax: internal error: RuntimeError: injected fault"), err[-1]
+    new = _error_logs() - logs_before
+    assert len(new) == 1, new
+    log = new.pop()
+    assert f"traceback also in {log})" in err[-1] and f"-{command}-" in log.name
+    text = log.read_text()
+    assert f"resflax {command} " in text and "Traceback" in text and "injected fault" in text
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_an_unwritable_cache_folder_only_loses_the_log(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "to_host", _boom)
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not_a_folder"))
+    before = disk_state(run)
+    rc, out, err = _cli(["eval", f"--workdir={run}"], capsys)
+    assert rc == 1 and disk_state(run) == before
+    assert err[-1].startswith("resflax: internal error: RuntimeError") and "traceback also in" not in err[-1]
+
+
+def test_train_still_keeps_its_traceback_in_the_workdir(tmp_path, capsys, monkeypatch):
+    """(test_restore's internal-error test covers a run that got as far as its training step.)"""
+    monkeypatch.setattr(cli, "_commands", lambda area: type("M", (), {"run_train": staticmethod(_boom)}))
+    w = tmp_path / "run"
+    w.mkdir()
+    rc, out, err = _cli(["train", "--config=experiments/cifar10.py:resnet8", f"--workdir={w}"], capsys)
+    assert rc == 1 and f"traceback also in {w / 'errors.log'}" in err[-1]
+    assert "injected fault" in (w / "errors.log").read_text()
+
+
+def _one_line_exit_2(argv, capsys, *roots: Path) -> str:
+    states, logs = [disk_state(r) for r in roots], _error_logs()
+    rc, out, err = _cli(argv, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert [disk_state(r) for r in roots] == states and _error_logs() == logs
+    assert err[0].startswith("resflax: error: "), err
+    return err[0]
+
+
+def test_export_to_a_missing_folder_or_a_folder_is_one_line(run, tmp_path, capsys):
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "pad_layout": "split"}))  # exportable in akamaster's names
+    assert cli.main(["export", f"--workdir={run}", f"--out={tmp_path / 'ok.safetensors'}"]) == 0
+    out = tmp_path / "missing_folder" / "x.safetensors"
+    line = _one_line_exit_2(["export", f"--workdir={run}", f"--out={out}"], capsys, run, tmp_path)
+    assert str(out) in line and "missing_folder" in line, line
+    (tmp_path / "taken.safetensors").mkdir()  # a file that cannot be written whoever runs this (root too)
+    out = tmp_path / "taken.safetensors"
+    line = _one_line_exit_2(["export", f"--workdir={run}", f"--out={out}"], capsys, run, tmp_path)
+    assert str(out) in line, line
+
+
+def test_export_and_predict_without_a_checkpoint_say_so(run, tmp_path, capsys):
+    shutil.rmtree(run / "checkpoints")
+    line = _one_line_exit_2(["export", f"--workdir={run}", f"--out={tmp_path / 'x.safetensors'}"], capsys, run)
+    assert line == f"resflax: error: {run} has no checkpoint to export"
+    line = _one_line_exit_2(["predict", f"--workdir={run}", str(tmp_path / "img.png")], capsys, run)
+    assert line == f"resflax: error: {run} has no checkpoint to predict with"
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_predict_on_a_file_that_is_not_an_image_names_the_file(run, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture\n")
+    line = _one_line_exit_2(["predict", f"--workdir={run}", str(notes)], capsys, run)
+    assert line == f"resflax: error: {notes} is not an image Pillow can read", line
+    assert not re.search(r"0x[0-9a-f]+|BytesIO", line)
+
+
+def test_the_user_cache_folder_rule(monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "/x/cache")
+    assert configs.user_cache_dir() == Path("/x/cache/resflax")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert configs.user_cache_dir() == Path(os.path.expanduser("~/.cache/resflax"))
