@@ -77,8 +77,9 @@ KILL_POINTS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_an_import_killed_at_any_moment_leaves_nothing_and_the_same_command_succeeds(point, tmp_path,
+@pytest.mark.parametrize(("sig", "point"), [*((signal.SIGKILL, p) for p in KILL_POINTS),
+                                            (signal.SIGTERM, "checkpoints")])
+def test_an_import_killed_at_any_moment_leaves_nothing_and_the_same_command_succeeds(sig, point, tmp_path,
                                                                                     tmp_path_factory):
     src = _weights_file(tmp_path / "r8.safetensors")
     w = tmp_path / "run"
@@ -92,7 +93,7 @@ def test_an_import_killed_at_any_moment_leaves_nothing_and_the_same_command_succ
         while time.time() - t0 < 240 and proc.poll() is None:
             d = _being_written(w)
             if d is not None and KILL_POINTS[point](d):
-                os.kill(proc.pid, signal.SIGKILL)
+                os.kill(proc.pid, sig)
                 hit = d
                 break
             time.sleep(0.0005)
@@ -101,16 +102,18 @@ def test_an_import_killed_at_any_moment_leaves_nothing_and_the_same_command_succ
             proc.kill()
         proc.wait(timeout=60)
     assert hit is not None, f"the import ended before reaching {point!r}: {log.read_text()[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    # SIGKILL and SIGTERM (no handler during an import) end it at once (SIGINT: KeyboardInterrupt removes the
+    # build, but one sent while Orbax saves can leave the process hanging at exit: not tested here)
+    assert proc.returncode == -sig, log.read_text()[-2000:]
     # DIR holds nothing (the kill came before the rename) or a complete run (the kill came just after it)
     if w.exists():
         assert any(w.iterdir()), "an empty workdir"
         _check_usable(w, src)
         pytest.skip(f"the kill at {point!r} came after the rename")  # rare: the test only polls
     leftovers = list(tmp_path.glob("run" + BUILDING + "*"))
-    assert leftovers, "the killed import left no build behind (it should, under SIGKILL)"
-    print(f"killed at {point!r}: left", sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
-                                              if p.name != "import.log"))
+    assert leftovers, "the killed import left no build behind (it should: no cleanup runs)"
+    print(f"{sig.name} at {point!r}: left", sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                                                  if p.name != "import.log"))
     # the same command succeeds, removes the killed import's build, and the run is usable
     r = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
