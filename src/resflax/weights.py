@@ -21,6 +21,7 @@ safetensors first. ``{"state_dict": ...}`` wrappers (akamaster's ``.th``) are un
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                         "or convert it to .safetensors first") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)  # restricted: never runs code
+    except pickle.UnpicklingError as e:  # PyTorch's text would suggest weights_only=False: never ours to say
+        raise DataError(_refused_pickle(path, str(e))) from None
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path} could not be read as weights only ({str(e).splitlines()[0]})") from e
     if isinstance(obj, dict) and "state_dict" in obj:
@@ -58,6 +61,20 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict):
         raise DataError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+
+
+def _refused_pickle(path: Path, torch_text: str) -> str:
+    """One line for a pickle that PyTorch's restricted unpickler refused: what was refused, and how a user who
+    trusts the file converts it to safetensors (the only place where its code may run: their own command)."""
+    found = re.search(r"GLOBAL:? ?([\w.]+)", torch_text)
+    what = (f"Python objects other than tensors ({found.group(1)})" if found
+            else "pickled data other than tensors (or is damaged)")
+    out = path.with_suffix(".safetensors")
+    recipe = (f"python -c \"import torch; from safetensors.torch import save_file; m = torch.load({str(path)!r}, "
+              "weights_only=False); m = m.state_dict() if hasattr(m, 'state_dict') else m.get('state_dict', m); "
+              f"save_file({{k: v.contiguous() for k, v in m.items()}}, {str(out)!r})\"")
+    return (f"{path} was refused: it contains {what}, which resflax does not unpickle for safety (unpickling "
+            f"can run code); only if you trust the file, convert it to safetensors with {recipe} and import {out}")
 
 
 def write_state_dict(state: dict[str, np.ndarray], path: str | Path) -> None:

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,33 @@ def open_source(name: str = IMAGENET, data_dir: str | None = None) -> ImageNetSo
                     + _how_to_prepare(name))
 
 
+def _tar_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete tar archive, or None; cheap on a 150 GB tar: three reads. It reads the
+    first member's header (checksum: catches a file that is not a tar or whose start is damaged), and checks
+    that the size is a whole number of 512-byte blocks and that the file ends with the end-of-archive marker,
+    two zero blocks. A copy or download cut short ends in a member's data instead: the check misses only a
+    cut at a block boundary right after 1 KiB of zeros inside a member (e.g. in the zero padding that ends an
+    inner tar of the train archive), and damage in the middle, which TFDS then reports."""
+    cut = (f"{path} is not a complete tar archive ({{}}): copy or download it again (ILSVRC2012 from "
+           "image-net.org)")
+    try:
+        size = path.stat().st_size
+        with tarfile.open(path, "r:") as tf:  # reads and checksums the first member's header
+            tf.next()
+        with open(path, "rb") as f:
+            f.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
+            tail = f.read(2 * tarfile.BLOCKSIZE)
+    except tarfile.TarError as e:
+        return cut.format(f"unreadable header: {e}")
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    if size % tarfile.BLOCKSIZE:
+        return cut.format(f"{size} bytes, not a whole number of {tarfile.BLOCKSIZE}-byte blocks: truncated")
+    if size < 3 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
+        return cut.format("no end-of-archive marker: truncated")
+    return None
+
+
 def prepare(data_dir: str | None = None, manual_dir: str | None = None) -> str:
     """Prepares ``imagenet2012`` as ArrayRecord from the manual download (TensorFlow needed this once) into the
     first candidate data_dir, unless a candidate already holds it, checked (``DamagedData`` naming the folder to
@@ -194,6 +222,7 @@ def prepare(data_dir: str | None = None, manual_dir: str | None = None) -> str:
     if missing := [t for t in TARS if not (manual / t).is_file()]:
         problems.append(f"{' and '.join(missing)} not found in {manual}: download them from image-net.org "
                         "(ILSVRC2012) and put them there, or pass --manual_dir DIR")
+    problems += [bad for t in TARS if (manual / t).is_file() and (bad := _tar_problem(manual / t))]
     if importlib.util.find_spec("tensorflow") is None:
         problems.append("preparing imagenet2012 needs TensorFlow once: `pip install 'resflax[prepare]'`")
     if problems:

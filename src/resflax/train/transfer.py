@@ -3,6 +3,13 @@ Orbax checkpoint at step 0) that ``resflax eval`` evaluates and ``resflax train`
 run; ``export_weights`` writes a run's latest checkpoint as ``.safetensors`` in torchvision's or akamaster's
 names; ``predict`` gives the top-5 classes of image files. The layouts are ``resflax.weights``'.
 
+An import is atomic: the run is built beside the target (``DIR.importing-<pid>``: ``config.json``, then the
+checkpoint, waited for until Orbax's asynchronous save is complete) and renamed to ``DIR`` in one
+``rename(2)``, so ``DIR`` holds a complete run or nothing, whenever the import is killed. A build left by a
+killed import is removed by the next import into ``DIR`` once its process is gone (its ``.lock``'s flock is
+free and its pid no longer runs). ``DIR`` must not exist or be an empty directory, checked before anything
+is read or written: a refused import touches nothing in an existing run, not even its ``.lock``.
+
 The input preprocessing travels with the weights: an import records in the run's config the normalisation
 the weights were trained with (torchvision/timm and akamaster: per-channel mean (0.485, 0.456, 0.406) and std
 (0.229, 0.224, 0.225) on RGB in [0, 1]), and every later command of the run uses it.
@@ -10,8 +17,11 @@ the weights were trained with (torchvision/timm and akamaster: per-channel mean 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +58,10 @@ def _settings(config: ml_collections.ConfigDict, layout: str) -> dict[str, Any]:
 
 def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdir: str | Path,
                    layout: str | None = None, say=print) -> dict[str, Any]:
-    """Writes the weights of ``source`` into a new run in ``workdir`` (refused if it holds a run)."""
+    """Writes the weights of ``source`` into a new run in ``workdir`` (refused unless absent or an empty folder)."""
     layout = layout or ("cifar" if tasks.is_cifar(config) else "torchvision")
+    path = Path(workdir).expanduser().absolute()
+    _refuse_existing(path)  # before anything is read, locked or written
     state_dict = weights.read_state_dict(source)
     settings = _settings(config, layout)
     with config.unlocked():
@@ -69,25 +81,106 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
     stats = jax.tree_util.tree_map(jnp.asarray, variables.get("batch_stats", {}))
     state = init.replace(params=params, batch_stats=stats, opt_state=tx_fn(params).init(params))
-    path = wd.prepare(workdir)
-    lock = wd.Lock(path)
-    lock.acquire()
+    wd.prepare(path.parent)
+    build, lock = _start_build(path)
     try:
-        if (path / "config.json").exists() or (path / "checkpoints").exists():
-            raise WorkdirError(f"workdir {path} already holds a run; import into a new directory")
         cfg = json.loads(config.to_json())
-        wd.write_json_atomic(path / "config.json", cfg)
+        wd.write_json_atomic(build / "config.json", cfg)
         host = to_host(step_lib.replicate(state, p.mesh))
-        ckpt = Checkpointer(path, keep=config.keep_checkpoints)
+        ckpt = Checkpointer(build, keep=config.keep_checkpoints)
         ckpt.save(0, step_lib.replicate(state, p.mesh),
                   {"config": cfg, "step": 0, "state_digest": state_lib.state_digest(host), "devices": int(p.mesh.size),
                    "processes": 1, "num_classes": int(p.model.num_classes),
                    "imported_from": Path(source).name, "layout": layout}, host_state=host)
-        ckpt.close()
+        ckpt.close()  # waits until the asynchronous save is complete (or raises CheckpointError)
+        _publish(build, path)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)  # a kill -9 leaves it instead: the next import removes it
+        raise
     finally:
         lock.release()
     return {"workdir": str(path), "model": config.model, "layout": layout, "tensors": len(state_dict),
             "state_digest": state_lib.state_digest(host)}
+
+
+BUILDING = ".importing-"  # DIR.importing-<pid>: an import's run while it is being written
+
+
+def _refuse_existing(path: Path) -> None:
+    """``WorkdirError`` unless ``path`` is absent or an empty directory; reads only (no lock taken in it)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise WorkdirError(f"{path} exists and is not a directory; import into a new directory")
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return
+    if "config.json" in names or "checkpoints" in names:
+        raise WorkdirError(f"workdir {path} already holds a run; import into a new directory")
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise WorkdirError(f"workdir {path} is not empty ({shown}); import into a new or empty directory")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_builds(path: Path) -> None:
+    """Removes the builds of ``path`` left by killed imports: their pid runs no more (or is ours, reused) and
+    their ``.lock`` is free. A build whose pid runs is left alone: its import may be about to lock it."""
+    prefix = path.name + BUILDING
+    for d in sorted(path.parent.iterdir()):
+        pid = d.name[len(prefix):]
+        if not d.name.startswith(prefix) or not pid.isdigit() or not d.is_dir() or d.is_symlink():
+            continue
+        if int(pid) != os.getpid() and _running(int(pid)):
+            continue
+        lock = wd.Lock(d)
+        try:
+            lock.acquire()  # a free flock: no process (on any machine sharing the folder) writes it
+        except (WorkdirError, OSError):
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            lock.release()
+
+
+def _start_build(path: Path) -> tuple[Path, wd.Lock]:
+    """A new, locked, empty directory beside ``path`` on the same file system, for the run to be built in."""
+    _remove_stale_builds(path)
+    build = path.with_name(f"{path.name}{BUILDING}{os.getpid()}")
+    try:
+        build.mkdir()
+    except OSError as e:
+        raise WorkdirError(f"cannot create {build}: {e.strerror or e}") from None
+    lock = wd.Lock(build)
+    lock.acquire()
+    return build, lock
+
+
+def _publish(build: Path, path: Path) -> None:
+    """Renames the complete ``build`` to ``path`` in one step (``path`` absent or an empty directory)."""
+    _refuse_existing(path)  # what appeared while the import ran: a clearer message than rename's
+    try:
+        os.rename(build, path)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise WorkdirError(f"workdir {path} was filled by another process during the import; "
+                               "import into a new directory") from None
+        raise WorkdirError(f"cannot rename {build} to {path}: {e.strerror or e}") from None
+    with contextlib.suppress(OSError):  # the rename itself on disk, should the machine go down next
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def export_weights(workdir: str | Path, out: str | Path, layout: str | None = None) -> dict[str, Any]:
