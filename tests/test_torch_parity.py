@@ -76,9 +76,12 @@ CASES = {
     "plain20": dict(batch=32, recipe=tp.Recipe(boundaries=(50, 75)), tol=TOL),
     # the warm-up: lr 0.01 until the smoothed training error (0.9 at first, 5% per step) is below the
     # threshold, then 0.1; the threshold is raised from the paper's 0.8 so that the switch comes inside 100
-    # steps (both switch after step 52 with this seed and batch); a small batch keeps ResNet-110 affordable on
-    # two cores; the lr drop at 90 follows the switch back to 0.1
-    "resnet110": dict(batch=8, recipe=tp.Recipe(warmup=True, warmup_until_error=0.865, boundaries=(90,)),
+    # steps; a small batch keeps ResNet-110 affordable on two cores; the lr drop at 90 follows the switch back
+    # to 0.1. At batch 8 the smoothed error stays near chance (0.87-0.93) for 100 steps, so where it first
+    # crosses a threshold depends on the machine's float rounding: 0.865 was crossed after step 52 on an
+    # earlier machine and never on the 2026-12 CI machine (Sapphire Rapids), where 0.888 is crossed at step 19
+    # (0.8867; the lowest value before it 0.8916 at step 10): measured with the lr kept at 0.01.
+    "resnet110": dict(batch=8, recipe=tp.Recipe(warmup=True, warmup_until_error=0.888, boundaries=(90,)),
                       tol=TOL_DEEP),
 }
 
