@@ -34,7 +34,7 @@ from pathlib import Path
 
 from absl import flags
 
-from resflax import config_cli
+from resflax import config_cli, xla
 from resflax.errors import INTERNAL_ERROR, BadInput, ResflaxError
 
 USAGE = __doc__
@@ -111,6 +111,8 @@ def _workdir_of(argv: list[str]) -> Path | None:
 # train and import write their workdir: an internal error's traceback is kept in WORKDIR/errors.log. The other
 # commands write nothing where they read (eval, export, predict, report, responses): it goes to the user's cache.
 WRITES_WORKDIR = ("train", "import")
+# The commands that run JAX: they keep compiled programs in ~/.cache/resflax/xla (xla.compilation_cache).
+JAX_COMMANDS = ("train", "eval", "predict", "import", "export", "responses")
 
 
 def _error_log(cmd: str, argv: list[str]) -> Path:
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in AREAS:
         return _fail(f"unknown command {cmd!r}; expected one of {', '.join(AREAS)}")
     try:
+        if cmd in JAX_COMMANDS and not any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
+            xla.compilation_cache()  # before anything compiles (RESFLAX_COMPILATION_CACHE=0: off)
         run = {"train": cmd_train, "import": cmd_import}.get(cmd) or _commands(AREAS[cmd]).COMMANDS[cmd]
         return run(rest)
     except ResflaxError as e:

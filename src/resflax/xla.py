@@ -16,6 +16,7 @@ no computation ran before.
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import jaxlib
@@ -94,3 +95,47 @@ def configure() -> list[str]:
     os.environ["XLA_FLAGS"] = (current + " " + " ".join(add)).strip()
     _configured = add
     return _configured
+
+
+# The persistent compilation cache the CLI turns on (see compilation_cache below and docs/performance.md).
+CACHE_ENV = "RESFLAX_COMPILATION_CACHE"
+# Programs that compiled faster than this are not written. JAX's default (1 s) leaves out most of what a small
+# run compiles on CPU (eval of a CIFAR ResNet-8 on mock data: every program under 1 s), so those starts stayed
+# cold; 0 writes them all (measured in benchmarks/start_time.py, table in docs/performance.md).
+CACHE_MIN_COMPILE_SECS = 0.0
+_OFF = ("0", "false", "False", "no", "off")
+
+
+def compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache in ``cache_dir`` (default: the user cache folder's ``xla/``,
+    ``~/.cache/resflax/xla``) unless ``RESFLAX_COMPILATION_CACHE=0``, or the user or JAX's config already chose a
+    cache (``JAX_COMPILATION_CACHE_DIR`` or ``jax_compilation_cache_dir``: kept as it is), or the folder cannot
+    be made or written (then nothing, silently). Returns the folder now in use, None if none was set here.
+
+    Call it before JAX compiles anything: JAX decides whether a process uses the cache at its first compile.
+    Several processes may share the folder: JAX writes one file per program, named by a hash of the program,
+    the compile options, the XLA flags, the devices and the jax/jaxlib versions, never rewrites a key that is
+    there, and a read that fails (say a file another process is still writing) is a warning and a compile, not
+    a wrong program (``jax/_src/lru_cache.py``, ``compiler._cache_read``)."""
+    if os.environ.get(CACHE_ENV, "1") in _OFF or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    import jax  # noqa: PLC0415 (start-up time: only the commands that run JAX call this)
+
+    if jax.config.jax_compilation_cache_dir:
+        return None
+    if cache_dir is None:
+        from resflax.configs import user_cache_dir  # noqa: PLC0415
+
+        cache_dir = user_cache_dir() / "xla"
+    path = os.fspath(cache_dir)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+    return path
