@@ -111,3 +111,14 @@ def tree_snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` (relative path -> sha256), to show that nothing was moved or rewritten."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A small real-JPEG ImageNet-style dataset (4 classes, 16 train / 4 validation images each) for the ImageNet
+    path's tests, written once per test module."""
+    from resflax.data.tiny_imagenet import write_tiny_dataset  # noqa: PLC0415 (only the modules that use it)
+
+    d = tmp_path_factory.mktemp("tiny_jpeg")
+    write_tiny_dataset(str(d), num_classes=4, train_per_class=16, val_per_class=4)
+    return d

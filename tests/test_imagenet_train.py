@@ -23,15 +23,6 @@ TINY = ["--config=experiments/imagenet.py:tiny", "--config.num_steps=12", "--con
         "--config.progress=False"]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from resflax.data.tiny_imagenet import write_tiny_dataset  # noqa: PLC0415
-
-    d = tmp_path_factory.mktemp("tiny_jpeg")
-    write_tiny_dataset(str(d), num_classes=4, train_per_class=16, val_per_class=4)
-    return d
-
-
 def _args(data: Path, cache: Path, *extra: str) -> list[str]:
     return [*TINY, f"--config.data_dir={data}", f"--config.mean_cache_dir={cache}", *extra]
 

@@ -22,15 +22,6 @@ pytestmark = pytest.mark.skipif(not (Path("/proc/self/task").is_dir() and SHM.is
                                 reason="needs Linux's /proc and /dev/shm")
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from resflax.data.tiny_imagenet import write_tiny_dataset  # noqa: PLC0415
-
-    d = tmp_path_factory.mktemp("tiny_jpeg")
-    write_tiny_dataset(str(d), num_classes=4, train_per_class=16, val_per_class=4)
-    return d
-
-
 def _command(data: Path, tmp: Path, *extra: str) -> list[str]:
     """A ``:tiny`` run with 2 loader workers."""
     args = ["--config=experiments/imagenet.py:tiny", f"--config.data_dir={data}", f"--config.mean_cache_dir={tmp}/c",

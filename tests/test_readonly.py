@@ -14,19 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import mock
+from test_restore import _cli
 
 from resflax import cli, configs, weights
 from resflax.analysis import report, responses
 from resflax.train import evaluate, transfer
-
-
-def _cli(argv, capsys):
-    capsys.readouterr()
-    with mock():
-        rc = cli.main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, [ln for ln in err.strip().splitlines() if ln]
 
 
 def disk_state(root: Path) -> dict[str, tuple]:

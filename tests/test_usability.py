@@ -82,14 +82,19 @@ def test_resume_on_another_device_count_is_stated(tmp_path, capsys, pristine):
     assert len(ev) == 1 and ev[0]["from"] == 2 and ev[0]["to"] == 1 and ev[0]["step"] == 3
 
 
-def test_signal_before_the_first_step_claims_no_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def signalled(monkeypatch):
+    """A SIGTERM/SIGINT that arrived before the first step (the loop's preemption flag set on entry)."""
     orig = loop._Preemption.__enter__
 
-    def signalled(self):
+    def enter(self):
         orig(self)
         self.requested = True
         return self
-    monkeypatch.setattr(loop._Preemption, "__enter__", signalled)
+    monkeypatch.setattr(loop._Preemption, "__enter__", enter)
+
+
+def test_signal_before_the_first_step_claims_no_checkpoint(tmp_path, capsys, signalled):
     with mock():
         out = loop.train_and_evaluate(tiny_config(), str(tmp_path))
     printed = capsys.readouterr().out
@@ -135,15 +140,8 @@ def test_make_puts_data_where_the_user_says():
         assert "shared" not in dry(target), target
 
 
-def test_a_signal_is_reported_once(tmp_path, capsys, monkeypatch):
+def test_a_signal_is_reported_once(tmp_path, capsys, signalled):
     """``resflax train`` stopped by a signal says so in one line (the loop's), not twice."""
-    orig = loop._Preemption.__enter__
-
-    def signalled(self):
-        orig(self)
-        self.requested = True
-        return self
-    monkeypatch.setattr(loop._Preemption, "__enter__", signalled)
     with mock():
         rc = cli.main(["train", "--config=experiments/cifar10.py:resnet8", "--config.batch_size=16",
                        "--config.num_steps=6", "--config.progress=False", f"--workdir={tmp_path / 'w'}"])

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from resflax import configs
 from resflax.errors import BadInput
 from resflax.models import get_model, model_fields
 from resflax.train.step import AXIS
@@ -38,8 +39,7 @@ def model_from_config(config, num_classes: int | None = None) -> Any:
             if config.get(key) is not None:
                 overrides[key] = config[key]
         if config.get("scan_min_blocks") is not None:
-            if config.scan_min_blocks < 0:
-                raise BadInput(f"scan_min_blocks must be >= 0 (0: never scan), got {config.scan_min_blocks}")
+            configs.check("scan_min_blocks", config.scan_min_blocks)  # its range is defined once, in configs.KEYS
             overrides["scan_min_blocks"] = config.scan_min_blocks or None
         if num_classes is not None:
             overrides["num_classes"] = num_classes
