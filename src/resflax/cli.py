@@ -91,7 +91,7 @@ def cmd_import(argv: list[str]) -> int:
     fl, rest = config_cli.parse_config("resflax import", commands.model_config(argv), define)
     if len(rest) != 1 or not fl.workdir:
         raise BadInput("usage: resflax import SOURCE --model NAME --workdir DIR")
-    return commands.run_import(rest[0], fl.config, fl.workdir, fl.layout)
+    return commands.run_import(rest[0], fl.config, fl.workdir, fl.layout, config_cli.given_keys(fl))
 
 
 def _fail(msg: str) -> int:

@@ -120,6 +120,21 @@ def parse_config(prog: str, argv: list[str], define) -> tuple[Any, list[str]]:
     return fl, rest[1:]
 
 
+def given_keys(fl) -> frozenset[str]:
+    """The config keys the command line set: ``--config.KEY=VALUE`` overrides, and the ``key=value`` settings of
+    ``--config=FILE:ARG`` named like the config key they set (``experiments/imagenet.py:resnet34,shortcut=A``).
+    What the experiment file chose by itself is not among them: ``resflax import`` tells a user's explicit
+    choice from a default with it."""
+    from ml_collections import config_flags  # noqa: PLC0415 (start-up time, as above)
+
+    from resflax import configs  # noqa: PLC0415 (start-up time, as above)
+
+    spec = config_flags.get_config_filename(fl["config"]) if fl["config"].present else ""
+    arg = spec.partition(":")[2]
+    tokens = {t.split("=", 1)[0].strip() for t in arg.split(",") if "=" in t}
+    return frozenset(config_flags.get_override_values(fl["config"])) | (tokens & set(configs.KEYS))
+
+
 _NO_KEY = re.compile(r"""^'(?P<key>[^']+)'(?:\nDid you mean "(?P<near>[^"]+)" instead of "[^"]+"\?)?$""")
 
 

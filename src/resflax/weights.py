@@ -7,8 +7,14 @@ Layouts (``../shared/IMAGENET.md``'s traps, each handled here):
   ``running_mean``/``running_var`` <-> ``scale``/``bias`` and ``batch_stats`` ``mean``/``var`` (PyTorch's
   running variance is used as stored: both frameworks normalise by it in eval mode); ``num_batches_tracked``
   is dropped on import and written as 0 on export.
-- torchvision/timm ResNets are **v1.5** (stride on the bottleneck's 3x3): the model must be built with
-  ``stride_on_3x3=True``. The stem and max-pool padding already equal PyTorch's ((3, 3) and (1, 1), -inf).
+- torchvision/timm ResNets are **v1.5** (stride on the bottleneck's 3x3, ``stride_on_3x3=True``). The paper's
+  v1 (stride on the first 1x1) has the same names and shapes, so a file cannot tell which it is: v1 weights
+  under these names (e.g. converted Caffe models) import into a v1 model (``stride_on_3x3=False``), v1.5 into
+  a v1.5 one. Export refuses a v1 model (torchvision's class would load it silently and compute other
+  activations). The stem and max-pool padding already equal PyTorch's ((3, 3) and (1, 1), -inf).
+- shortcut options: a file's ``downsample`` (projection) weights must be on exactly the blocks where the model
+  has projections (B: where the shape changes, torchvision's; C: every block; A: none), else refused naming
+  the option the file holds, rather than dropping projections or leaving some untrained.
 - torchvision's VGG flattens its 7x7x512 features in CHW order, resflax in HWC: ``classifier.0`` is permuted.
 - akamaster's CIFAR ResNets: keys prefixed ``module.``, ``linear`` for the FC, option-A shortcuts with the
   zero channels split on both sides (``pad_layout="split"``).
@@ -164,6 +170,7 @@ def from_torch(state: dict[str, np.ndarray], model, abstract_variables: dict, la
     unmapped = sorted(set(target) - {m[0] for m in mapping})
     if unmapped:
         raise BadInput(f"resflax {unmapped[0]} has no {layout} counterpart ({len(unmapped)} such)")
+    _check_shortcuts(state, model, mapping, layout)
     missing = [t for _, t, _ in mapping if t not in state]
     extra = sorted(set(state) - {t for _, t, _ in mapping})
     if missing or extra:
@@ -181,6 +188,38 @@ def from_torch(state: dict[str, np.ndarray], model, abstract_variables: dict, la
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+_PROJECTION = re.compile(r"^((?:module\.)?layer\d+\.\d+)\.downsample\.0\.weight$")
+_BLOCK = re.compile(r"^((?:module\.)?layer\d+\.\d+)\.conv1\.weight$")
+
+
+def _check_shortcuts(state: dict[str, np.ndarray], model, mapping: list[tuple[str, str, str]], layout: str) -> None:
+    """``BadInput`` in one line when a ResNet file of the model's blocks has projection shortcuts (``downsample``)
+    on other blocks than the model's shortcut option: option A would drop them, C would leave some untrained."""
+    if not hasattr(model, "stage_sizes") or not getattr(model, "residual", True):
+        return
+    blocks = sorted({m.group(1) for k in state if (m := _BLOCK.match(k))})
+    ours = sorted({m.group(1) for _, t, _ in mapping if (m := _BLOCK.match(t))})
+    if blocks != ours:
+        return  # another depth: from_torch names the missing and unexpected tensors
+    theirs = {m.group(1) for k in state if (m := _PROJECTION.match(k))}
+    wanted = {m.group(1) for _, t, _ in mapping if (m := _PROJECTION.match(t))}
+    if theirs == wanted:
+        return
+    # B's projections: the first block of each stage whose shape changes (all but a basic-block first stage)
+    first = {b for b in blocks if b.endswith(".0") and (model.block == "bottleneck" or not b.endswith("layer1.0"))}
+    held = "A" if not theirs else "C" if len(theirs) == len(blocks) else "B" if theirs == first else None
+    option = model.shortcut
+    if option == "A":
+        what = (f"its zero-padding identity has no projections and would drop the file's projection (downsample) "
+                f"weights of {len(theirs)} of its {len(blocks)} blocks")
+    else:
+        lacking = sorted(wanted - theirs)
+        what = (f"it has projection (downsample) weights on {len(wanted)} of the {len(blocks)} blocks, the file on "
+                f"{len(theirs)}" + (f" (none for {lacking[0]})" if lacking else ""))
+    hint = f"; the file holds shortcut {held}: import with --config.shortcut={held}" if held else ""
+    raise BadInput(f"these {layout} weights cannot be a shortcut {option} network: {what}{hint}")
+
+
 def to_torch(variables: dict, model, layout: str) -> dict[str, np.ndarray]:
     """A PyTorch state dict (numpy arrays) of ``variables`` in ``layout``; BN layers get ``num_batches_tracked``."""
     flat = traverse_util.flatten_dict(variables, sep="/")
@@ -195,10 +234,14 @@ def to_torch(variables: dict, model, layout: str) -> dict[str, np.ndarray]:
 
 
 def check_variant(state: dict[str, np.ndarray], model, layout: str) -> None:
-    """Refuses what can be detected: torchvision/timm bottleneck weights are v1.5 (stride on the 3x3), so the
-    model must say ``stride_on_3x3=True``; akamaster's option A splits its zero channels."""
+    """Refuses to export what the layout's own PyTorch classes would load silently and compute differently:
+    torchvision's/timm's bottleneck ResNets are v1.5 (``stride_on_3x3=True``); akamaster's option A splits its
+    zero channels (``pad_layout='split'``). (An import honours either choice: names and shapes cannot tell.)"""
     if layout == "torchvision" and getattr(model, "block", None) == "bottleneck" and not model.stride_on_3x3:
-        raise BadInput("torchvision/timm ResNet weights are v1.5 (stride on the 3x3 conv): build the model with "
-                       "stride_on_3x3=True; with the paper's v1 they load silently and compute other activations")
+        raise BadInput("torchvision/timm ResNets are v1.5 (stride on the 3x3 conv) and this run is v1 "
+                       "(stride_on_3x3=False): torchvision's class would load these weights silently and compute "
+                       "other activations")
     if layout == "cifar" and getattr(model, "shortcut", "A") == "A" and model.pad_layout != "split":
-        raise BadInput("akamaster's CIFAR ResNets pad option A's zero channels on both sides: use pad_layout='split'")
+        raise BadInput("akamaster's CIFAR ResNets pad option A's zero channels on both sides (pad_layout='split') "
+                       "and this run appends them: its class would load these weights silently and compute other "
+                       "activations")

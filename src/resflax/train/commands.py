@@ -104,11 +104,12 @@ def model_config(argv: list[str]) -> list[str]:
     return [f"--config={configs.experiment_path(f'experiments/{family}.py')}:{model}", *out]
 
 
-def run_import(source: str, config: Any, workdir: str, layout: str | None) -> int:
-    """``resflax import`` with its flags parsed: the weights in ``source`` as checkpoint 0 of a new run."""
+def run_import(source: str, config: Any, workdir: str, layout: str | None, given: frozenset[str] = frozenset()) -> int:
+    """``resflax import`` with its flags parsed: the weights in ``source`` as checkpoint 0 of a new run (``given``:
+    the config keys the command line set, ``config_cli.given_keys``)."""
     from resflax.train.transfer import import_weights  # noqa: PLC0415 (start-up time)
 
-    r = import_weights(source, config, workdir, layout)
+    r = import_weights(source, config, workdir, layout, given=given)
     print(f"imported {r['tensors']} tensors ({r['layout']} layout) as {r['model']} into {r['workdir']} "
           f"(state_digest {r['state_digest'][:16]})")
     return 0

@@ -46,33 +46,45 @@ TORCH_STD = (0.229, 0.224, 0.225)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 
 
-def _settings(config: ml_collections.ConfigDict, layout: str) -> dict[str, Any]:
-    """The config settings the layout's weights need."""
+# The network settings a layout implies by default; a value the command line gave is kept instead (weight shapes
+# cannot tell v1 from v1.5, nor option A's zero-padding layout: the user's word is honoured, and
+# ``weights.from_torch`` refuses a file that cannot be the chosen network, e.g. a shortcut option it lacks).
+NETWORK_KEYS = ("stride_on_3x3", "shortcut", "pad_layout")
+
+
+def _settings(config: ml_collections.ConfigDict, layout: str, given: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The config settings the layout's weights need, less the network settings in ``given`` (the keys the
+    command line set: kept as given)."""
     if layout == "torchvision":
         out = {"mean": "channel", "std": TORCH_STD}
         if not config.model.startswith("vgg"):
             out.update(stride_on_3x3=True, shortcut="B")  # v1.5 bottlenecks; projections where shapes change
-        return out
-    return {"pad_layout": "split", "mean": "channel", "std": TORCH_STD}  # akamaster
+    else:
+        out = {"pad_layout": "split", "mean": "channel", "std": TORCH_STD}  # akamaster
+    return {k: v for k, v in out.items() if k not in given or k not in NETWORK_KEYS}
 
 
 def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdir: str | Path,
-                   layout: str | None = None, say=print) -> dict[str, Any]:
-    """Writes the weights of ``source`` into a new run in ``workdir`` (refused unless absent or an empty folder)."""
+                   layout: str | None = None, say=print, given: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Writes the weights of ``source`` into a new run in ``workdir`` (refused unless absent or an empty folder).
+    ``given``: the config keys the command line set; a network setting among them (``NETWORK_KEYS``: v1 with
+    ``stride_on_3x3=False``, a shortcut option, option A's ``pad_layout``) is used as given, not the layout's
+    default, and recorded in the run's config like every setting."""
     layout = layout or ("cifar" if tasks.is_cifar(config) else "torchvision")
     path = Path(workdir).expanduser().absolute()
     _refuse_existing(path)  # before anything is read, locked or written
     state_dict = weights.read_state_dict(source)
-    settings = _settings(config, layout)
+    settings = _settings(config, layout, given)
     with config.unlocked():
         for k, v in settings.items():
             config[k] = v
-    say("settings for these weights: " + ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+    kept = [k for k in NETWORK_KEYS if k in given and k in config]
+    say("settings for these weights: " + ", ".join([*(f"{k}={v!r}" for k, v in settings.items()),
+                                                    *(f"{k}={config[k]!r} (as given)" for k in kept)]))
     try:  # the dataset, when it is here, gives the number of classes (and is checked now, not later)
         p = loop.plan(config)
     except DataError:
         p = loop.plan(config, locate_data=False)
-    weights.check_variant(state_dict, p.model, layout)
     tx_fn = state_lib.optimizer(config)
     shape = tasks.image_shape(config)
     abstract = jax.eval_shape(lambda: p.model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
