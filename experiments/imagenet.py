@@ -17,8 +17,9 @@ protocols of ``resflax eval``).
 
 **The plateau rule.** The paper gives no schedule. The default is fixed: lr divided by 10 at 150k, 300k and
 450k iterations, the end at 600k. Why: 600k iterations of 256 images are 120 epochs of the 1.28M training
-images (5,005 iterations per epoch), and the drops every 30 epochs are fb.resnet.torch's schedule, the one
-its authors' own reimplementation used; a plateau of the validation error is in practice reached after
+images (5,005 iterations per epoch), and the drops every 30 epochs are the schedule of fb.resnet.torch,
+Facebook AI Research's reimplementation of the paper (by Sam Gross and Michael Wilber, not the paper's
+authors); a plateau of the validation error is in practice reached after
 ~30 epochs at each lr. ``lr_schedule="plateau"`` decides the drops from the data instead: it holds out
 ``val_examples`` training images and divides the lr when their top-1 error has not improved by
 ``plateau_min_delta`` points for ``plateau_patience`` evaluations in a row (``eval_every_steps``: once per
