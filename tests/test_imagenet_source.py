@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,30 @@ def test_imagenet2012_is_read_from_its_files_at_any_version(tmp_path):
     src = imagenet_source.open_source(data_dir=str(tmp_path))
     assert (src.name, src.version, src.class_names, len(src.train)) == ("imagenet2012", "1.0.0", ["coffee", "cat"], 4)
     assert src.validation[0]["image"][:2] == b"\xff\xd8"
+
+
+def test_an_imagenet2012_prepared_before_its_validation_labels_were_fixed_is_refused(tmp_path, capsys, monkeypatch):
+    """TFDS's imagenet2012 release notes: "2.0.0: Fix validation labels". A preparation by TFDS's builder at an
+    earlier version is refused in one line naming both versions; from 2.0.0 on it is read."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # experiments/
+    tiny_imagenet.write_tiny_dataset(str(tmp_path / "d"), name="imagenet2012", num_classes=2, train_per_class=2,
+                                     val_per_class=1)
+    old = tmp_path / "d" / "imagenet2012" / "1.0.0"
+    info = old / "dataset_info.json"  # as TFDS's own builder wrote it (TFDS 2.x-4.x's module)
+    info.write_text(json.dumps({**json.loads(info.read_text()),
+                                "moduleName": "tensorflow_datasets.image_classification.imagenet"}))
+    with pytest.raises(DataError, match=r"imagenet2012 1\.0\.0 in .* has wrong validation labels \(TFDS fixed them "
+                                        r"in version 2\.0\.0\): remove .*1\.0\.0 and prepare it again"):
+        imagenet_source.open_source("imagenet2012", str(tmp_path / "d"))
+    capsys.readouterr()
+    rc = cli.main(["train", "--config=experiments/imagenet.py:tiny", "--config.dataset=imagenet2012",
+                   f"--config.data_dir={tmp_path / 'd'}", f"--workdir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "1.0.0" in err and "version 2.0.0" in err, err
+    # the same files as version 2.0.0 (labels fixed) are read
+    info.write_text(json.dumps({**json.loads(info.read_text()), "version": "2.0.0"}))
+    old.rename(old.with_name("2.0.0"))
+    assert imagenet_source.open_source("imagenet2012", str(tmp_path / "d")).version == "2.0.0"
 
 
 def test_a_dataset_not_in_array_record_format_is_named(tiny, tmp_path, monkeypatch):

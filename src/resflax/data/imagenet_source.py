@@ -137,9 +137,24 @@ def how_to_restore(info, data_dir: str | None = None) -> str:
     return f"remove {folder} and prepare it again with TFDS (file_format='array_record')"
 
 
+# TFDS's imagenet2012 release notes: "2.0.0: Fix validation labels." A preparation by TFDS's builder of an
+# earlier version has wrong validation labels (a dataset another builder wrote, e.g. resflax's make-tiny-imagenet
+# under this name, is not one of those; a dataset_info.json old enough to lack moduleName is TFDS's).
+LABELS_FIXED = "2.0.0"
+
+
+def _wrong_labels(info) -> bool:
+    """Whether ``info`` is an ``imagenet2012`` that TFDS's own builder prepared before it fixed the labels."""
+    by_tfds = not (info.module_name or "").startswith("resflax.")
+    return info.name == IMAGENET and by_tfds and tfds.core.Version(str(info.version)) < LABELS_FIXED
+
+
 def _source(builder, name: str, data_dir: str) -> ImageNetSource:
     info = builder.info
     where = f"{name} in {builder.data_dir}"
+    if _wrong_labels(info):
+        raise DataError(f"{name} {info.version} in {builder.data_dir} has wrong validation labels (TFDS fixed them "
+                        f"in version {LABELS_FIXED}): {how_to_restore(info, data_dir)}")
     if "array_record" not in {f.value for f in info.available_file_formats()}:
         raise DataError(f"{where} is stored as {info.file_format.value if info.file_format else '?'}, not "
                         f"ArrayRecord (random access): prepare it again with file_format='array_record' into "
