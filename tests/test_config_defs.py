@@ -67,11 +67,17 @@ def all_snapshots() -> dict:
             for name, args in (("cifar10", CIFAR_ARGS), ("imagenet", IMAGENET_ARGS)) for arg in args}
 
 
+# Keys added after the snapshot, with the value and type every experiment gives them: the rest is the snapshot.
+AFTER_SNAPSHOT = {"conv_init": ("fan_in", "str")}
+
+
 def test_experiments_are_the_configs_they_were():
     want = json.loads(SNAPSHOT.read_text())
     got = json.loads(json.dumps(all_snapshots()))
     assert sorted(got) == sorted(want)
     for k in want:
+        for key, (value, kind) in AFTER_SNAPSHOT.items():
+            assert (got[k]["json"].pop(key), got[k]["types"].pop(key)) == (value, kind), (k, key)
         assert got[k]["json"] == want[k]["json"], k
         # same keys with the same types (placeholders with theirs); the order of the keys may differ
         assert got[k]["types"] == want[k]["types"], k
@@ -90,7 +96,8 @@ def test_resumable_and_added_keys_are_those_of_before():
         "preemption_check_every_steps", "peer_timeout_s", "loader_workers", "loader_threads", "mean_cache_dir",
         "multiscale_scales"}
     assert wd.ADDED_KEYS == configs.ADDED_KEYS == {
-        "mean": "pixel", "std": None, "population": {"seeds": [], "residual": [], "vectorize": "auto"}}
+        "mean": "pixel", "std": None, "population": {"seeds": [], "residual": [], "vectorize": "auto"},
+        "conv_init": "fan_in"}
 
 
 def test_every_experiment_key_is_defined_once_with_its_type():

@@ -95,6 +95,9 @@ KEYS: dict[str, Key] = {k.name: k for k in [
     Key("stride_on_3x3", False, "False: v1 (the paper, stride on a bottleneck's first 1x1); True: v1.5 "
         "(torchvision's weights)"),
     Key("zero_init_last_bn", False, "initialise the last BN scale of each block to zero (off in the paper)"),
+    Key("conv_init", "fan_in", 'ResNet conv kernels ~ N(0, 2/fan): "fan_in" (He et al. 2015 [13], forward '
+        'signal), "fan_out" (the backward signal; fb.resnet.torch and torchvision)', choices=("fan_in", "fan_out"),
+        added="fan_in"),
     Key("impl", None, 'layer implementation: "fast" (default) or "flax"', str),
     Key("scan_min_blocks", None, "stages with at least this many blocks run as one lax.scan (compile time flat "
         "in depth); None keeps the model's default (64: only ResNet-1202 scans), 0 unrolls every stage", int,

@@ -26,8 +26,11 @@ STEMS = ("cifar", "imagenet")
 IMPLS = ("fast", "flax")
 
 # He et al. (2015) "Delving deep into rectifiers": N(0, 2 / fan_in), not truncated (JAX's initialiser, compiled
-# faster on the CPU: the same values, see initializers.py).
+# faster on the CPU: the same values, see initializers.py). The paper initialises "as in [13]", that paper, which
+# shows both N(0, 2 / fan_in) (forward signal) and N(0, 2 / fan_out) (backward signal) keep deep rectifier nets
+# trainable; fb.resnet.torch and torchvision use fan-out: ``conv_init="fan_out"``.
 he_normal = initializers.he_normal
+CONV_INITS = {"fan_in": he_normal, "fan_out": initializers.variance_scaling(2.0, "fan_out", "normal")}
 
 
 def _stack(trees):
@@ -169,6 +172,8 @@ class ResNet(nn.Module):
       pad_layout: option-A zero-channel layout, ``"append"`` (after the real channels) or ``"split"``.
       stride_on_3x3: bottleneck only: False = paper (v1), True = v1.5.
       zero_init_last_bn: initialise the last BN scale of each block to zero (off in the paper).
+      conv_init: the conv kernels' He normal init, N(0, 2 / fan_in) (``"fan_in"``) or N(0, 2 / fan_out)
+        (``"fan_out"``: fb.resnet.torch, torchvision); fan = kernel height x width x input (output) channels.
       num_classes: size of the final fully-connected layer.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype of the parameters.
       bn_momentum: Flax convention (running = m * running + (1 - m) * batch); PyTorch's 0.1 is Flax's 0.9.
@@ -199,6 +204,7 @@ class ResNet(nn.Module):
     pad_layout: str = "append"
     stride_on_3x3: bool = False
     zero_init_last_bn: bool = False
+    conv_init: str = "fan_in"
     num_classes: int = 10
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -222,6 +228,8 @@ class ResNet(nn.Module):
             raise ValueError("stage_sizes and widths must have the same length")
         if self.impl not in IMPLS:
             raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
+        if self.conv_init not in CONV_INITS:
+            raise ValueError(f"unknown conv_init {self.conv_init!r}; expected one of {tuple(CONV_INITS)}")
         if self.residual_gate is not None and not self.residual:
             raise ValueError("residual_gate needs residual=True (the gate multiplies the shortcut)")
         conv_cls, norm_cls = (fastops.Conv, fastops.BatchNorm) if self.impl == "fast" else (nn.Conv, nn.BatchNorm)
@@ -232,7 +240,8 @@ class ResNet(nn.Module):
             norm_extra["unbiased_running_var"] = True
         relu = fastops.relu if self.impl == "fast" else nn.relu
         conv = functools.partial(
-            conv_cls, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal
+            conv_cls, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=CONV_INITS[self.conv_init],
         )
         norm = functools.partial(
             norm_cls,

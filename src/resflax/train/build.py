@@ -28,14 +28,14 @@ def compute_dtype(config) -> Any:
 
 def model_from_config(config, num_classes: int | None = None) -> Any:
     """``config.model`` with the run's settings (``pad_layout``, ``stride_on_3x3``, ``zero_init_last_bn``,
-    ``dtype``, ``bn_sync``, and ``shortcut``, ``impl``, ``scan_min_blocks`` where set; a VGG ignores those of
-    the ResNet family) and ``num_classes`` (None: the model's own). Builds the module only: no parameters.
-    ``BadInput`` for a setting that cannot be used (an unknown model, a bad dtype or field value)."""
+    ``dtype``, ``bn_sync``, and ``shortcut``, ``impl``, ``conv_init``, ``scan_min_blocks`` where set; a VGG
+    ignores those of the ResNet family) and ``num_classes`` (None: the model's own). Builds the module only: no
+    parameters. ``BadInput`` for a setting that cannot be used (an unknown model, a bad dtype or field value)."""
     try:
         overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
                          zero_init_last_bn=config.zero_init_last_bn, dtype=compute_dtype(config),
                          bn_axis_name=AXIS if config.bn_sync else None)
-        for key in ("shortcut", "impl"):
+        for key in ("shortcut", "impl", "conv_init"):  # (conv_init: absent from runs made before it)
             if config.get(key) is not None:
                 overrides[key] = config[key]
         if config.get("scan_min_blocks") is not None:
