@@ -126,7 +126,7 @@ KEYS: dict[str, Key] = {k.name: k for k in [
         'training crops, cached); "channel" = the per-channel mean (0.485, 0.456, 0.406)',
         choices=("pixel", "channel"), added="pixel"),
     Key("multiscale_scales", (224, 256, 384, 480, 640), "resflax eval --protocol=multiscale: shorter sides of "
-        "the fully-convolutional test (the paper's five)", **_IMAGENET, **_RESUMABLE),
+        "the multi-scale test (the paper's five)", **_IMAGENET, **_RESUMABLE),
     Key("std", None, "divide by this per-channel std after subtracting the mean: None (the paper); imported "
         'torchvision/timm/akamaster weights set (0.229, 0.224, 0.225) with mean="channel"', tuple, gt=0,
         length=3, added=None),

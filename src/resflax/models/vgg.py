@@ -5,7 +5,8 @@ fully-connected layers (4096, 4096, classes) with dropout 0.5 before the second 
 
 Layer names: ``conv{i}`` in order (i = 0..12 or 0..15), ``fc{j}`` (j = 0..2). The features are flattened
 in NHWC order (7x7x512 at 224 px; an adaptive average pool to 7x7 first, as torchvision, so other sizes
-work): importing torchvision's ``classifier.0`` weight needs its input axis permuted from CHW to HWC.
+work, though not as VGG's fully-convolutional dense evaluation would: see ``train.protocols``): importing
+torchvision's ``classifier.0`` weight needs its input axis permuted from CHW to HWC.
 """
 
 from __future__ import annotations

@@ -59,7 +59,9 @@ def cmd_eval(argv: list[str]) -> int:
                          "~/tensorflow_datasets)")
     ap.add_argument("--protocol", choices=("center", "10crop", "multiscale"), default="center",
                     help="ImageNet-style runs: centre 224 crop of the 256 resize (default), the standard 10-crop "
-                         "(softmax averaged), or fully-convolutional multi-scale (shorter side 224..640, mirrors)")
+                         "(softmax averaged), or multi-scale: the whole image at shorter sides 224..640 and "
+                         "mirrored, softmax averaged (ResNets: fully convolutional, as the paper; VGG: its features "
+                         "average-pooled to 7x7 before its FC layers, not VGG's dense evaluation)")
     ap.add_argument("--record", action="store_true",
                     help="append the result to the run's metrics.jsonl as an {\"event\": \"eval\"} line (the only "
                          "write eval ever makes)")

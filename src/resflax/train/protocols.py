@@ -4,11 +4,16 @@
   what training evaluates (``tasks.ImageNetTask.evaluate``).
 - ``10crop``: shorter side ``eval_resize``; the four corner and the centre crops and their mirror images;
   the **softmax** scores of the ten averaged (as the paper; fb.resnet.torch sums logits instead).
-- ``multiscale``: fully convolutional: the whole image at shorter side s for s in ``scales`` (224, 256, 384,
-  480, 640), and its mirror image, through the network (global average pooling takes any size); the softmax
-  scores averaged over scales and mirrors. The longer side is rounded to a multiple of 32
-  (``imagenet.full_image``) so that few distinct shapes are compiled; the per-pixel mean image does not
-  apply to other sizes, so its per-channel average is subtracted.
+- ``multiscale``: the whole image at shorter side s for s in ``scales`` (224, 256, 384, 480, 640), and its
+  mirror image, through the network; the softmax scores averaged over scales and mirrors. The longer side is
+  rounded to a multiple of 32 (``imagenet.full_image``) so that few distinct shapes are compiled; the
+  per-pixel mean image does not apply to other sizes, so its per-channel average is subtracted. A ResNet is
+  fully convolutional here, as the paper's test: global average pooling, then the FC layer, equals the FC
+  layer as a 1x1 conv over the final feature map with its scores averaged over positions (both linear). A VGG
+  is not: its features are average-pooled into 7x7 bins (torchvision's ``AdaptiveAvgPool2d``) and go through
+  its FC layers once, whereas VGG's own dense evaluation (Simonyan & Zisserman, Sec. 3.2) runs the FC layers
+  as 7x7 and 1x1 convs over every position of the feature map and averages the score map; the two agree
+  only when the feature map is 7x7 (a 224 x 224 input).
 
 Every validation image is used exactly once: process p of P takes images p, p + P, ...; the counts are
 summed over processes and checked (``evaluators.metrics``). Each process runs its share on its first local
