@@ -2,7 +2,8 @@
 torchvision's names cannot say whether its bottlenecks stride on the first 1x1 (the paper's v1) or on the 3x3
 (v1.5, torchvision's), so ``--config.stride_on_3x3=False`` is honoured (the logits of a v1 PyTorch network) and
 the default stays v1.5 (torchvision's own); a shortcut option is honoured when the file holds its projections
-(C: torchvision's blocks with a projection on every one) and refused in one line when it does not."""
+(C: torchvision's blocks with a projection on every one) and refused in one line when it does not; akamaster's
+names with option A's zero channels appended (``--config.pad_layout=append``) likewise."""
 
 import json
 
@@ -133,3 +134,33 @@ def test_a_shortcut_option_is_honoured_when_the_file_holds_it_and_refused_in_one
     # ... and without the option, the file is refused as not the default B
     rc, _, err = _import(capsys, tmp_path / "c.safetensors", "--model", "resnet18", "--workdir", tmp_path / "Cno")
     assert rc == 2 and err.endswith("the file holds shortcut C: import with --config.shortcut=C"), err
+
+
+def test_akamaster_names_with_option_a_zero_channels_appended_import_as_given(tmp_path, capsys):
+    """akamaster's CIFAR ResNets split option A's zero channels on both sides; a file of those names whose network
+    appended them (fb.resnet.torch's layout) cannot say so either: ``--config.pad_layout=append`` is honoured."""
+    torch_nets = pytest.importorskip("torch_nets")
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    split = torch_nets.randomize_bn(torch_nets.DataParallelLike(torch_nets.CifarResNet(3)))
+    append = torch_nets.randomize_bn(torch_nets.DataParallelLike(torch_nets.CifarResNet(3)))
+    append.load_state_dict(split.state_dict())
+    for block in append.modules():
+        if isinstance(block, torch_nets.CifarBlock) and block.pad:
+            def forward(x, b=block):  # the zero channels after the real ones
+                y = b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x)))))
+                return F.relu(y + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, 2 * b.pad)))
+            block.forward = forward
+    _save(split, tmp_path / "r20.safetensors")
+    ims = [skdata.coffee(), skdata.chelsea(), skdata.astronaut(), skdata.rocket()]
+    x = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BILINEAR)) for im in ims])
+    x = (x.astype(np.float32) / 255 - MEAN) / STD
+    want = {"append": _logits_torch(append, x), "split": _logits_torch(split, x)}
+    assert np.abs(want["append"] - want["split"]).max() > 0.1
+    for layout, flags in (("append", ["--config.pad_layout=append"]), ("split", [])):
+        rc, _, err = _import(capsys, tmp_path / "r20.safetensors", "--model", "resnet20", "--workdir",
+                             tmp_path / layout, *flags)
+        assert rc == 0, err
+        got = _logits_run(tmp_path / layout, x)
+        assert np.abs(got - want[layout]).max() <= 1e-4, (layout, np.abs(got - want[layout]).max())
+        assert json.loads((tmp_path / layout / "config.json").read_text())["pad_layout"] == layout
