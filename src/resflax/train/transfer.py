@@ -78,7 +78,7 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     with config.unlocked():
         for k, v in settings.items():
             config[k] = v
-    kept = [k for k in NETWORK_KEYS if k in given and k in config]
+    kept = [k for k in NETWORK_KEYS if k in given and k in config and not config.model.startswith("vgg")]
     say("settings for these weights: " + ", ".join([*(f"{k}={v!r}" for k, v in settings.items()),
                                                     *(f"{k}={config[k]!r} (as given)" for k in kept)]))
     try:  # the dataset, when it is here, gives the number of classes (and is checked now, not later)
