@@ -34,6 +34,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,23 @@ def eval_crop(data: bytes, cfg: Preprocess = DEFAULT) -> np.ndarray:
 def eval_example(data: bytes, mean: np.ndarray, cfg: Preprocess = DEFAULT) -> np.ndarray:
     """One eval image: shorter side ``eval_resize``, centre crop, mean subtracted (float32)."""
     return finish(eval_crop(data, cfg), mean)
+
+
+# ---- class names ----------------------------------------------------------------------------------------
+
+CLASS_NAMES_FILE = "imagenet_classes.txt"  # beside this module, shipped with the package (setup.cfg)
+
+
+def class_names() -> list[str]:
+    """ImageNet-1k's 1000 English class names in label order (the sorted WordNet ids of ``imagenet2012``, as
+    TFDS and torchvision number them), from the file ``tests/test_class_names.py`` writes from torchvision's
+    weights' metadata (its header names the source)."""
+    text = resources.files(__package__).joinpath(CLASS_NAMES_FILE).read_text(encoding="utf-8")
+    names = [line for line in text.splitlines() if line and not line.startswith("#")]
+    if len(names) != NUM_CLASSES:
+        raise DataError(f"{CLASS_NAMES_FILE} in the resflax package holds {len(names)} names, not {NUM_CLASSES}: "
+                        "reinstall resflax")
+    return names
 
 
 # ---- the mean -------------------------------------------------------------------------------------------

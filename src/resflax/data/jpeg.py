@@ -32,13 +32,14 @@ import math
 import numpy as np
 from PIL import Image
 
+from resflax import configs
+
 # (left, top, right, bottom) in pixels of the stored image; floats: a crop of a resized image maps back to
 # fractional source coordinates.
 Box = tuple[float, float, float, float]
 
-# Pillow's filters by the names torchvision's InterpolationMode and timm's configs use
-RESAMPLE = {name: Image.Resampling[name.upper()]
-            for name in ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")}
+# Pillow's filters by the names torchvision's InterpolationMode and timm's configs use (the config key's choices)
+RESAMPLE = {name: Image.Resampling[name.upper()] for name in configs.KEYS["resample"].choices}
 
 
 def open_image(data: bytes) -> Image.Image:
