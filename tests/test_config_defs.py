@@ -71,9 +71,14 @@ def test_experiments_are_the_configs_they_were():
     want = json.loads(SNAPSHOT.read_text())
     got = json.loads(json.dumps(all_snapshots()))
     assert sorted(got) == sorted(want)
+    added = {k: v for k, v in configs.ADDED_KEYS.items() if k not in ("mean", "std", "population")}  # since then
     for k in want:
+        # keys added since the snapshot, each at its `added` value (what a config without it meant), and else the same
+        assert {a: got[k]["json"].pop(a) for a in added} == added, k
         assert got[k]["json"] == want[k]["json"], k
         # same keys with the same types (placeholders with theirs); the order of the keys may differ
+        for t in added:
+            got[k]["types"].pop(t)
         assert got[k]["types"] == want[k]["types"], k
         assert (got[k]["locked"], got[k]["type_safe"]) == (want[k]["locked"], want[k]["type_safe"]), k
 
@@ -90,7 +95,8 @@ def test_resumable_and_added_keys_are_those_of_before():
         "preemption_check_every_steps", "peer_timeout_s", "loader_workers", "loader_threads", "mean_cache_dir",
         "multiscale_scales"}
     assert wd.ADDED_KEYS == configs.ADDED_KEYS == {
-        "mean": "pixel", "std": None, "population": {"seeds": [], "residual": [], "vectorize": "auto"}}
+        "mean": "pixel", "std": None, "population": {"seeds": [], "residual": [], "vectorize": "auto"},
+        "channel_mean": [0.485, 0.456, 0.406]}
 
 
 def test_every_experiment_key_is_defined_once_with_its_type():

@@ -77,7 +77,7 @@ def _draft_factor(data, box, out):
 
 def test_training_draft_leaves_the_last_2x_to_pillow_and_stays_close_to_the_full_decode(large_photos):
     """Draft decoding is for training crops only, and asks libjpeg for at least twice the crop's scale: what
-    remains against the full decode is JPEG's DCT-domain scaling, measured here (docs/performance.md)."""
+    remains against the full decode is JPEG's DCT-domain scaling, measured here (data/jpeg.py's docstring)."""
     cfg = imagenet.Preprocess(scale_range=(224, 256))  # small scales: the decoder reduces on every large photo
     diffs = []
     for i, data in enumerate(large_photos * 4):

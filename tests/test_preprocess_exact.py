@@ -125,3 +125,24 @@ def _config(settings: dict):
     from resflax import configs  # noqa: PLC0415
 
     return configs.build("imagenet", **settings)
+
+
+@pytest.mark.parametrize("weights,resize", [("ResNet18_Weights.IMAGENET1K_V1", 256),
+                                            ("ResNet50_Weights.IMAGENET1K_V2", 232)])
+def test_torchvisions_weights_own_transforms(weights, resize):
+    """The ``transforms()`` preset torchvision's weights carry (ImageClassification: resize, centre crop,
+    normalise) equals the settings an import records (``transfer.SOURCES``; V2 weights with eval_resize=232)."""
+    upstream.import_torchvision()
+    import torchvision.models as tvm  # noqa: PLC0415
+
+    from resflax.train import tasks, transfer  # noqa: PLC0415
+
+    enum, member = weights.split(".")
+    preset = getattr(getattr(tvm, enum), member).transforms()
+    settings = {**transfer.SOURCES["torchvision"], "eval_resize": resize}
+    prep = tasks.preprocess(_config(settings))
+    for name, data in _cases()[::3]:
+        want = preset(_loaded(data)).numpy().transpose(1, 2, 0)
+        crop = imagenet.eval_crop(data, prep)
+        got = (crop.astype(np.float32) / 255 - np.float32(settings["channel_mean"])) / np.float32(settings["std"])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
