@@ -213,8 +213,13 @@ def test_import_records_the_sources_preprocessing_and_predict_names_classes(tmp_
     assert [t["class"] for t in pred["top"]] == list(np.argsort(-probs, kind="stable")[:5])
     np.testing.assert_allclose([t["probability"] for t in pred["top"]], np.sort(probs)[::-1][:5], rtol=1e-4)
     assert [t["name"] for t in pred["top"]] == [names[t["class"]] for t in pred["top"]] and names[0] == "tench"
-    # a dataset without names says so
-    assert cli.main(["import", *src, "--workdir", str(tmp_path / "other"), "--config.dataset=my_photos"]) == 0
+    # a dataset without names says so; an experiment whose training scales start below the source's crop (the
+    # CPU-sized tiny one: 128-240 for 112 px) gets them raised to it
+    assert cli.main(["import", str(tmp_path / "r18.safetensors"), "--config=experiments/imagenet.py:tiny",
+                     f"--config.data_dir={tmp_path / 'none'}", "--workdir", str(tmp_path / "other"),
+                     "--config.dataset=my_photos"]) == 0
+    cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    assert (cfg["image_size"], cfg["eval_resize"], cfg["scale_range"]) == (224, 256, [224, 240])
     capsys.readouterr()
     assert cli.main(["predict", f"--workdir={tmp_path / 'other'}", str(tmp_path / "coffee.png")]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -139,6 +139,9 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     state_dict = weights.read_state_dict(source)
     kept = {k: config[k] for k in prep if k in given}
     settings = {**_settings(config, layout), **{k: v for k, v in prep.items() if k not in given}}
+    size = settings.get("image_size")
+    if size is not None and "scale_range" not in given and size > config.scale_range[0]:
+        settings["scale_range"] = (size, max(size, config.scale_range[1]))  # fine-tuning's scales start at the crop
     with config.unlocked():
         for k, v in settings.items():
             config[k] = v
