@@ -9,7 +9,9 @@ first): the full decode (no DCT-domain shortcut), any mode (palette, 16-bit, LA,
 without ``reducing_gap``, as torchvision calls it: downscaling widens the filter's support by the downscale
 factor, so every source pixel is averaged). tests/test_preprocess_exact.py checks identical pixels against the
 real torchvision and timm transforms. Greyscale (``L``) is the one mode resized before it becomes RGB: the
-three equal channels are the same filter on the same values, so the pixels are identical.
+three equal channels are the same filter on the same values, so the pixels are identical. The price, measured
+on one core: 114 instead of 128 eval crops/s on 500×375 JPEGs (the whole image resized, not just the crop),
+18 instead of 72 on 1200-1800 px ones (no DCT-domain shortcut).
 
 **Training** (``decode_box``) computes only the crop: ``Image.resize(..., box=...)`` resamples a source
 rectangle straight to the output size (the filter's support clamped to the *image* borders), equal to "resize
