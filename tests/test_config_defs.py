@@ -67,19 +67,18 @@ def all_snapshots() -> dict:
             for name, args in (("cifar10", CIFAR_ARGS), ("imagenet", IMAGENET_ARGS)) for arg in args}
 
 
-# Keys added after the snapshot, with the value and type every experiment gives them: the rest is the snapshot.
-AFTER_SNAPSHOT = {"conv_init": ("fan_in", "str")}
-
-
 def test_experiments_are_the_configs_they_were():
     want = json.loads(SNAPSHOT.read_text())
     got = json.loads(json.dumps(all_snapshots()))
     assert sorted(got) == sorted(want)
+    added = {k: v for k, v in configs.ADDED_KEYS.items() if k not in ("mean", "std", "population")}  # since then
     for k in want:
-        for key, (value, kind) in AFTER_SNAPSHOT.items():
-            assert (got[k]["json"].pop(key), got[k]["types"].pop(key)) == (value, kind), (k, key)
+        # keys added since the snapshot, each at its `added` value (what a config without it meant), and else the same
+        assert {a: got[k]["json"].pop(a) for a in added} == added, k
         assert got[k]["json"] == want[k]["json"], k
         # same keys with the same types (placeholders with theirs); the order of the keys may differ
+        for t in added:
+            got[k]["types"].pop(t)
         assert got[k]["types"] == want[k]["types"], k
         assert (got[k]["locked"], got[k]["type_safe"]) == (want[k]["locked"], want[k]["type_safe"]), k
 
@@ -97,7 +96,7 @@ def test_resumable_and_added_keys_are_those_of_before():
         "multiscale_scales"}
     assert wd.ADDED_KEYS == configs.ADDED_KEYS == {
         "mean": "pixel", "std": None, "population": {"seeds": [], "residual": [], "vectorize": "auto"},
-        "conv_init": "fan_in"}
+        "channel_mean": [0.485, 0.456, 0.406], "conv_init": "fan_in"}
 
 
 def test_every_experiment_key_is_defined_once_with_its_type():

@@ -47,12 +47,12 @@ def _source(photos, n):
 def test_resizing_only_the_box_equals_resize_then_crop(photos):
     for data in photos:
         w, h = jpeg.image_size(data)
-        full = jpeg.decode_resized(data, 300, draft=False).astype(int)
+        full = jpeg.decode_resized(data, 300).astype(int)
         rw, rh = jpeg.resized_size(w, h, 300)
         assert full.shape == (rh, rw, 3) and min(rw, rh) == 300
         top, left = 17, rw - 224 - 5
         box = (left * w / rw, top * h / rh, (left + 224) * w / rw, (top + 224) * h / rh)
-        crop = jpeg.decode_box(data, box, (224, 224), draft=False).astype(int)
+        crop = jpeg.decode_box(data, box, (224, 224)).astype(int)
         diff = np.abs(crop - full[top:top + 224, left:left + 224])
         assert diff.max() <= 1 and diff.mean() < 0.05  # rounding of the same filter, nothing more
 
@@ -67,20 +67,36 @@ def test_draft_downscales_in_the_dct_domain_only_at_half_size_or_less():
     assert jpeg._draft(jpeg.open_image(png), (10, 10)) == 1.0
 
 
-def test_decode_with_and_without_draft_agree_within_jpeg_tolerance(photos, large_photos):
-    cases = [(d, 160) for d in photos] + [(d, 256) for d in large_photos]  # every case downscales >= 2x
-    for data, short in cases:
-        im = jpeg.open_image(data)
-        w, h = im.size
-        assert jpeg._draft(im, jpeg.resized_size(w, h, short)) >= 2.0  # the fast path is really taken
-        fast = jpeg.decode_resized(data, short, draft=True).astype(float)
-        full = jpeg.decode_resized(data, short, draft=False).astype(float)
-        assert fast.shape == full.shape
-        assert np.abs(fast - full).mean() < 3.0, np.abs(fast - full).mean()  # < 3/255
-    for data in large_photos:  # the eval protocol end to end
-        a = imagenet.eval_crop(data, imagenet.Preprocess(draft=True)).astype(float)
-        b = imagenet.eval_crop(data, imagenet.Preprocess(draft=False)).astype(float)
-        assert np.abs(a - b).mean() < 3.0
+def _draft_factor(data, box, out):
+    """The factor libjpeg decodes at when a training crop of ``box`` to ``out`` drafts."""
+    im = jpeg.open_image(data)
+    w, h = im.size
+    need = (-(-2 * w * out[0] // (box[2] - box[0])), -(-2 * h * out[1] // (box[3] - box[1])))
+    return jpeg._draft(im, need)
+
+
+def test_training_draft_leaves_the_last_2x_to_pillow_and_stays_close_to_the_full_decode(large_photos):
+    """Draft decoding is for training crops only, and asks libjpeg for at least twice the crop's scale: what
+    remains against the full decode is JPEG's DCT-domain scaling, measured here (data/jpeg.py's docstring)."""
+    cfg = imagenet.Preprocess(scale_range=(224, 256))  # small scales: the decoder reduces on every large photo
+    diffs = []
+    for i, data in enumerate(large_photos * 4):
+        w, h = jpeg.image_size(data)
+        p = imagenet.train_params(imagenet.example_rng(0, 0, i), w, h, cfg)
+        factor = _draft_factor(data, p.box, (224, 224))
+        if factor == 1.0:  # a photo too small for this crop to draft
+            continue
+        scale = (p.box[2] - p.box[0]) / 224  # stored pixels per output pixel
+        assert scale / factor >= 2.0  # Pillow's antialiased resize still reduces by 2x or more
+        fast = jpeg.decode_box(data, p.box, (224, 224), draft=True).astype(float)
+        full = jpeg.decode_box(data, p.box, (224, 224), draft=False).astype(float)
+        diffs.append(np.abs(fast - full))
+    assert len(diffs) >= 4  # the fast path is really taken
+    assert max(d.mean() for d in diffs) < 0.5, [d.mean() for d in diffs]  # measured: 0.17-0.29/255
+    # evaluation never drafts: the setting does not change its pixels
+    for data in large_photos:
+        np.testing.assert_array_equal(imagenet.eval_crop(data, imagenet.Preprocess(draft=True)),
+                                      imagenet.eval_crop(data, imagenet.Preprocess(draft=False)))
 
 
 def test_greyscale_and_png_files_decode_to_rgb(photos):

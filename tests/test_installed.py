@@ -59,6 +59,10 @@ def test_the_wheel_alone_is_imported(installed):
     assert str(exe.parents[1]) in where and str(ROOT) not in where
     shipped = exe.parents[1] / "lib"
     assert list(shipped.glob("python*/site-packages/resflax/experiments/cifar10.py"))
+    names = subprocess.run([str(exe.parent / "python"), "-c", "from resflax.data import imagenet; n = "
+                            "imagenet.class_names(); print(len(n), n[0])"], cwd=work, env=env, capture_output=True,
+                           text=True, check=True).stdout
+    assert names.split() == ["1000", "tench"]  # the package data file is in the wheel
 
 
 def test_every_command_from_an_empty_folder(installed):

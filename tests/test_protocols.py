@@ -46,20 +46,20 @@ def _reference(protocol, source, model, variables, mean):
         data = source[i]["image"]
         w, h = jpeg.image_size(data)
         views = []
-        if protocol == "10crop":
-            s = CFG.eval_resize / min(w, h)
-            rw, rh = (CFG.eval_resize, round(h * s)) if w <= h else (round(w * s), CFG.eval_resize)
-            for top, left in [(0, 0), (0, rw - 64), (rh - 64, 0), (rh - 64, rw - 64),
-                              (round((rh - 64) / 2), round((rw - 64) / 2))]:
-                box = (left * w / rw, top * h / rh, (left + 64) * w / rw, (top + 64) * h / rh)
-                crop = jpeg.decode_box(data, box, (64, 64), draft=CFG.draft)
-                views += [(crop, mean), (crop[:, ::-1], mean)]
+        if protocol == "10crop":  # torchvision's Resize + TenCrop, from their definitions
+            s = CFG.eval_resize
+            rw, rh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+            full = jpeg.decode_box(data, (0, 0, w, h), (rw, rh))
+            for im in (full, full[:, ::-1]):
+                for top, left in [(0, 0), (0, rw - 64), (rh - 64, 0), (rh - 64, rw - 64),
+                                  (int(round((rh - 64) / 2.0)), int(round((rw - 64) / 2.0)))]:
+                    views.append((im[top:top + 64, left:left + 64], mean))
         else:  # multiscale: whole image, shorter side s, longer side to a multiple of 32, and its mirror
             for short in SCALES:
-                long = max(w, h) * short / min(w, h)
+                long = int(max(w, h) * short / min(w, h))
                 long = max(32, 32 * round(long / 32))
                 size = (short, long) if w <= h else (long, short)
-                im = jpeg.decode_box(data, (0, 0, w, h), size, draft=CFG.draft)
+                im = jpeg.decode_box(data, (0, 0, w, h), size)
                 views += [(im, mean.mean((0, 1))), (im[:, ::-1], mean.mean((0, 1)))]
         out.append(np.mean([_scores(model, variables, v, m) for v, m in views], axis=0))
     return out
@@ -89,10 +89,6 @@ def test_center_protocol_is_the_training_evaluation_crop(setup):
 
 
 def test_ten_crop_windows():
-    boxes = imagenet.ten_crop_boxes(500, 375, 256, 224)  # resized: 341 x 256
-    sx, sy = 500 / 341, 375 / 256
-    assert boxes[0] == (0, 0, 224 * sx, 224 * sy)
-    assert boxes[3] == pytest.approx((117 * sx, 32 * sy, 500, 375))
-    assert boxes[4] == pytest.approx((58 * sx, 16 * sy, 282 * sx, 240 * sy))
+    assert imagenet.five_crop_offsets(256, 341, 224) == [(0, 0), (0, 117), (32, 0), (32, 117), (16, 58)]
     with pytest.raises(ValueError, match="protocol must be"):
         protocols.run("5crop", None, None, [], None, CFG)

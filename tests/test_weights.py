@@ -3,6 +3,8 @@
 photographs; resflax weights exported load into PyTorch with ``strict=True`` and give them back; import ->
 export -> import is bit-exact."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,8 +120,6 @@ def test_files_safetensors_and_restricted_pickles(tmp_path):
 def test_import_eval_predict_export_and_fine_tune_through_the_cli(tmp_path, capsys):
     """The README's four commands (import -> eval -> predict -> export), then `resflax train --workdir` fine-tunes
     the imported run with the settings the import recorded (torchvision's normalisation, v1.5, option B)."""
-    import json  # noqa: PLC0415
-
     from resflax import cli  # noqa: PLC0415
     from resflax.data import tiny_imagenet  # noqa: PLC0415
 
@@ -130,7 +130,8 @@ def test_import_eval_predict_export_and_fine_tune_through_the_cli(tmp_path, caps
     w = tmp_path / "run"
     common = ["--config=experiments/imagenet.py:tiny", f"--config.data_dir={data}",
               f"--config.mean_cache_dir={tmp_path / 'cache'}", "--config.num_steps=2", "--config.progress=False"]
-    assert cli.main(["import", str(tmp_path / "r18.safetensors"), f"--workdir={w}", *common]) == 0
+    assert cli.main(["import", str(tmp_path / "r18.safetensors"), f"--workdir={w}", *common,
+                     "--config.image_size=112", "--config.eval_resize=128"]) == 0  # CPU-sized, kept over 224/256
     cfg = json.loads((w / "config.json").read_text())
     assert (cfg["mean"], cfg["std"], cfg["stride_on_3x3"], cfg["shortcut"]) == ("channel", [0.229, 0.224, 0.225],
                                                                                 True, "B")
@@ -162,3 +163,81 @@ def test_import_eval_predict_export_and_fine_tune_through_the_cli(tmp_path, caps
     assert cli.main(["train", f"--workdir={w}"]) == 0
     assert "final test error" in capsys.readouterr().out
     assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())[-1] == 2
+
+
+def _json_line(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_import_records_the_sources_preprocessing_and_predict_names_classes(tmp_path, capsys):
+    """torchvision's weights get torchvision's evaluation (bilinear, 256 -> 224), timm's get their pretrained
+    config's (here bicubic, crop_pct 0.95: 235 -> 224) from its config.json or flags, a --config key given wins;
+    ``predict`` then feeds those pixels and names ImageNet's classes in English, without the dataset."""
+    from resflax import cli  # noqa: PLC0415
+    from resflax.data import imagenet  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    net = torch_nets.randomize_bn(torch_nets.ResNet(torch_nets.Basic, (2, 2, 2, 2)))  # 1000 classes
+    weights.write_state_dict(_state(net), tmp_path / "r18.safetensors")
+    hub = {"architecture": "resnet18", "pretrained_cfg": {
+        "tag": "a1_in1k", "input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.95,
+        "crop_mode": "center", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "num_classes": 1000}}
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    src = [str(tmp_path / "r18.safetensors"), "--model", "resnet18", f"--config.data_dir={tmp_path / 'none'}"]
+    keys = ("resample", "eval_resize", "image_size", "mean", "channel_mean", "std")
+    imagenet_norm = ("channel", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+    def imported(name, *flags):
+        assert cli.main(["import", *src, f"--workdir={tmp_path / name}", *flags]) == 0
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        return tuple(cfg[k] for k in keys)
+
+    assert imported("tv") == ("bilinear", 256, 224, *imagenet_norm)
+    assert imported("timm", f"--timm_config={tmp_path / 'config.json'}") == ("bicubic", 235, 224, *imagenet_norm)
+    assert "timm's preprocessing" in capsys.readouterr().out
+    assert imported("given", "--interpolation=bilinear", "--crop_pct=0.875", "--config.eval_resize=300",
+                    "--config.channel_mean=0.5,0.5,0.5") == ("bilinear", 300, 224, "channel", [0.5] * 3,
+                                                               [0.229, 0.224, 0.225])
+    out = capsys.readouterr().out
+    assert "kept from the command line: channel_mean=(0.5, 0.5, 0.5) (timm: (0.485, 0.456, 0.406)), eval_resize=300 " \
+           "(timm: 256)" in out
+    # predict: timm's pixels through the network, ImageNet's English names
+    Image.fromarray(skdata.coffee()).save(tmp_path / "coffee.png")
+    assert cli.main(["predict", f"--workdir={tmp_path / 'timm'}", str(tmp_path / "coffee.png"), "--json"]) == 0
+    pred = _json_line(capsys.readouterr().out)
+    crop = imagenet.eval_crop((tmp_path / "coffee.png").read_bytes(),
+                              imagenet.Preprocess(resample="bicubic", eval_resize=235))
+    probs = torch.softmax(torch.from_numpy(_torch_logits(net, ((crop / 255 - MEAN) / STD)[None].astype(
+        np.float32))), -1).numpy()[0]
+    names = imagenet.class_names()
+    assert [t["class"] for t in pred["top"]] == list(np.argsort(-probs, kind="stable")[:5])
+    np.testing.assert_allclose([t["probability"] for t in pred["top"]], np.sort(probs)[::-1][:5], rtol=1e-4)
+    assert [t["name"] for t in pred["top"]] == [names[t["class"]] for t in pred["top"]] and names[0] == "tench"
+    # a dataset without names says so; an experiment whose training scales start below the source's crop (the
+    # CPU-sized tiny one: 128-240 for 112 px) gets them raised to it
+    assert cli.main(["import", str(tmp_path / "r18.safetensors"), "--config=experiments/imagenet.py:tiny",
+                     f"--config.data_dir={tmp_path / 'none'}", "--workdir", str(tmp_path / "other"),
+                     "--config.dataset=my_photos"]) == 0
+    cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    assert (cfg["image_size"], cfg["eval_resize"], cfg["scale_range"]) == (224, 256, [224, 240])
+    capsys.readouterr()
+    assert cli.main(["predict", f"--workdir={tmp_path / 'other'}", str(tmp_path / "coffee.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 6 and all(line.strip().endswith(")") and "(no names for this dataset) (" in line
+                                 for line in out[1:])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--crop_pct=1.5"], "timm crop_pct must be in (0, 1], got 1.5"),
+    (["--interpolation=area"], "timm interpolation 'area' is not one of"),
+    (["--timm_config=missing.json"], "cannot read missing.json"),
+])
+def test_bad_timm_settings_are_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    from resflax import cli  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    weights.write_state_dict(_state(torch_nets.ResNet(torch_nets.Basic, (2, 2, 2, 2))), tmp_path / "r18.safetensors")
+    assert cli.main(["import", "r18.safetensors", "--model", "resnet18", "--workdir=w", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()

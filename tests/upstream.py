@@ -1,50 +1,51 @@
-"""Shared test helper: the real torchvision, the reference the weight tests compare against
-(``import_torchvision()`` skips the calling test when it is absent).
+"""Shared test helper: the real torchvision and timm, the references that preprocessing and weight tests compare
+against. ``import_torchvision()`` and ``import_timm()`` return the module, or skip the calling test when it is
+not installed (the test extra pins both).
 
-The PyPI torchvision wheel carries C++ operators built against its own CUDA torch; beside the CPU torch they do
-not load, and its import then stops at ``register_fake("torchvision::nms")``, which needs the operator's schema.
-Declaring the schemas of the operators it registers fake kernels for (detection ops, which its models never
-call) lets the rest import unchanged."""
+The PyPI torchvision wheel's C++ operators (``_C.so``) are built for its own torch build and do not load beside
+the CPU torch; torchvision's import then stops at ``torch.library.register_fake("torchvision::nms")``, which
+needs the operator's schema. Declaring the schemas it registers Python kernels for (two detection operators;
+torchvision's models and transforms never call them) lets everything else import unchanged."""
 
+import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
-# torchvision 0.28's torchvision/_meta_registrations.py registers fake kernels for these without checking that
-# its C++ library loaded; the schemas as torchvision/csrc/ops/nms.cpp declares them.
+# What torchvision 0.28 registers fake kernels for without checking that its C++ library loaded
+# (torchvision/_meta_registrations.py), with the schemas its C++ declares (torchvision/csrc/ops/nms.cpp).
 SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
-_LIBRARY = []  # keeps the definitions alive
+
+_LIBRARIES = []  # a torch.library.Library's definitions last as long as the object
 
 
 def import_torchvision():
-    """The installed torchvision (skips the test without it or without torch)."""
+    """The installed torchvision, importable beside a torch its C++ operators were not built for."""
     torch = pytest.importorskip("torch")
-    if "torchvision" in sys.modules:
-        return sys.modules["torchvision"]
-    if importlib.util.find_spec("torchvision") is None:
-        pytest.skip("torchvision is not installed")
-    try:
-        import torchvision  # noqa: PLC0415
-    except RuntimeError:  # its C++ operators did not load: declare the schemas its Python code needs
-        for name in list(sys.modules):
-            if name == "torchvision" or name.startswith("torchvision."):
-                del sys.modules[name]
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        for name, schema in SCHEMAS.items():
-            if not _declared(torch, name):
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        pytest.skip("torchvision is not installed (pip install -e '.[test]')")
+    if "torchvision" not in sys.modules:
+        for so in sorted(Path(spec.origin).parent.glob("_C*")):  # what torchvision.extension would load
+            try:
+                torch.ops.load_library(str(so))
+            except OSError:
+                pass
+        missing = [s for name, s in SCHEMAS.items() if not hasattr(torch.ops.torchvision, name)]
+        if missing:
+            lib = torch.library.Library("torchvision", "DEF")
+            for schema in missing:
                 lib.define(schema)
-        _LIBRARY.append(lib)
-        import torchvision  # noqa: PLC0415
-    return torchvision
+            _LIBRARIES.append(lib)
+    return importlib.import_module("torchvision")
 
 
-def _declared(torch, name: str) -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", "")
-    except RuntimeError:
-        return False
-    return True
+def import_timm():
+    """The installed timm (it imports torchvision: declared first, as ``import_torchvision`` does)."""
+    import_torchvision()
+    return pytest.importorskip("timm")

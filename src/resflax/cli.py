@@ -80,18 +80,23 @@ def cmd_import(argv: list[str]) -> int:
         flags.DEFINE_string("workdir", None, "new run directory to write", flag_values=fl)
         flags.DEFINE_enum("layout", None, ["torchvision", "cifar"], "weight names: torchvision/timm ImageNet "
                           "models (default for ImageNet configs) or akamaster's CIFAR ResNets", flag_values=fl)
+        flags.DEFINE_string("timm_config", None, "timm weights: their pretrained config (config.json)", flag_values=fl)
+        flags.DEFINE_string("interpolation", None, "timm weights: pretrained_cfg interpolation", flag_values=fl)
+        flags.DEFINE_float("crop_pct", None, "timm weights: pretrained_cfg crop_pct", flag_values=fl)
 
     if any(a in ("-h", "--help") for a in argv):
         print("usage: resflax import SOURCE (--model NAME | --config=FILE:NAME) --workdir DIR [--layout L] "
-              "[--config.KEY=VALUE ...]\n\nSOURCE: .safetensors, or a PyTorch .pth/.th read with "
-              "torch.load(weights_only=True) (torch extra). Writes config.json and checkpoint 0: `resflax eval` "
-              "and `resflax train` (fine-tuning) use it like any run.")
+              "[--timm_config FILE] [--interpolation I] [--crop_pct P] [--config.KEY=VALUE ...]\n\nSOURCE: "
+              ".safetensors, or a PyTorch .pth/.th read with torch.load(weights_only=True) (torch extra). Writes "
+              "config.json and checkpoint 0: `resflax eval` and `resflax train` (fine-tuning) use it like any run. "
+              "The source's evaluation preprocessing is recorded: torchvision's or akamaster's, or timm's from its "
+              "config file or flags; a --config.KEY given here wins.")
         return 0
     commands = _commands("train")
     fl, rest = config_cli.parse_config("resflax import", commands.model_config(argv), define)
     if len(rest) != 1 or not fl.workdir:
         raise BadInput("usage: resflax import SOURCE --model NAME --workdir DIR")
-    return commands.run_import(rest[0], fl.config, fl.workdir, fl.layout, config_cli.given_keys(fl))
+    return commands.run_import(rest[0], fl, config_cli.given_keys(fl))
 
 
 def _fail(msg: str) -> int:

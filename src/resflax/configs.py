@@ -116,19 +116,25 @@ KEYS: dict[str, Key] = {k.name: k for k in [
         "crop", **_IMAGENET),
     Key("scale_range", (256, 480), "shorter side before the crop, uniform, inclusive", **_IMAGENET),
     Key("image_size", 224, "crop side", gt=0, **_IMAGENET),
-    Key("eval_resize", 256, "evaluation: shorter side, then the centre crop", gt=0, **_IMAGENET),
+    Key("eval_resize", 256, "evaluation: shorter side (the longer one truncated, as torchvision's Resize), then the "
+        "centre image_size crop (CenterCrop's offsets); imports record their source's (timm: image_size / crop_pct)",
+        gt=0, **_IMAGENET),
     Key("flip", True, "random horizontal flip", **_IMAGENET),
     Key("lighting_std", 0.1, "AlexNet PCA lighting, alpha ~ N(0, lighting_std); 0 = off", ge=0, **_IMAGENET),
-    Key("draft", True, "let libjpeg downscale in the DCT domain when the target is <= half the stored size",
-        **_IMAGENET),
-    Key("resample", "bilinear", 'or "bicubic"', **_IMAGENET),
+    Key("draft", True, "training crops only: let libjpeg decode at 1/2-1/8 scale, never below twice the crop's "
+        "(evaluation always decodes in full)", **_IMAGENET),
+    Key("resample", "bilinear", 'Pillow\'s antialiased filter for crops and evaluation: "bilinear" (torchvision\'s '
+        'weights), "bicubic" (timm\'s usual), ...', choices=("bilinear", "bicubic", "nearest", "box", "hamming",
+                                                            "lanczos"), **_IMAGENET),
     Key("mean", "pixel", 'input normalisation: "pixel" = the per-pixel training mean (the paper; ImageNet: of '
-        'training crops, cached); "channel" = the per-channel mean (0.485, 0.456, 0.406)',
+        'training crops, cached); "channel" = the per-channel mean channel_mean',
         choices=("pixel", "channel"), added="pixel"),
+    Key("channel_mean", (0.485, 0.456, 0.406), 'the per-channel mean that mean="channel" subtracts (RGB, [0, 1] '
+        "units); imports record their source's", ge=0, length=3, added=(0.485, 0.456, 0.406)),
     Key("multiscale_scales", (224, 256, 384, 480, 640), "resflax eval --protocol=multiscale: shorter sides of "
         "the multi-scale test (the paper's five)", **_IMAGENET, **_RESUMABLE),
-    Key("std", None, "divide by this per-channel std after subtracting the mean: None (the paper); imported "
-        'torchvision/timm/akamaster weights set (0.229, 0.224, 0.225) with mean="channel"', tuple, gt=0,
+    Key("std", None, "divide by this per-channel std after subtracting the mean: None (the paper); imports record "
+        "their source's (torchvision's, akamaster's: (0.229, 0.224, 0.225), with mean=\"channel\")", tuple, gt=0,
         length=3, added=None),
     Key("mean_images", 10_000, "training images averaged for the per-pixel mean", gt=0, **_IMAGENET),
     Key("mean_cache_dir", None, "resflax's cache (decoded CIFAR-10, ImageNet means); None: "

@@ -4,7 +4,9 @@ Training (He et al. 2015 §3.4, after Krizhevsky et al.): shorter side resized t
 the integers in [256, 480]; a random 224×224 crop; a horizontal flip with probability 1/2; the per-pixel mean
 subtracted; AlexNet's PCA colour ("lighting") noise. ``crop="inception"`` swaps the first two for the
 random-resized crop of modern recipes (area (0.08, 1), aspect (3/4, 4/3)); it is a setting, not the default.
-Eval: shorter side 256, the centre 224×224 crop, the same mean.
+Eval: shorter side 256, the centre 224×224 crop, the same mean; decoded and resized exactly as torchvision's
+``Resize(256)`` + ``CenterCrop(224)`` (``data.jpeg``), so imported weights see their authors' pixels
+(``eval_resize``, ``size`` and ``resample`` give timm's settings: e.g. bicubic, 235 -> 224 for crop_pct 0.95).
 
 **Output**: the model's input is float32 NHWC RGB in units of [0, 1] pixels, ``pixels / 255 - mean +
 lighting``. The host does the expensive part, ``train_crop``/``eval_crop``: a uint8 (224, 224, 3) crop, already
@@ -32,6 +34,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +69,8 @@ class Preprocess:
     eval_resize: int = EVAL_RESIZE
     flip: bool = True
     lighting_std: float = LIGHTING_STD  # 0 turns lighting off
-    draft: bool = True  # DCT-domain downscaling where it applies (jpeg.py)
-    resample: str = "bilinear"  # or "bicubic"
+    draft: bool = True  # training crops: DCT-domain downscaling to >= 2x the crop's scale (jpeg.py); eval: never
+    resample: str = "bilinear"  # jpeg.RESAMPLE: "bicubic" (timm), ...
 
     def __post_init__(self):
         if self.crop not in ("scale", "inception"):
@@ -76,6 +79,8 @@ class Preprocess:
             raise ValueError(f"resample must be one of {sorted(jpeg.RESAMPLE)}, got {self.resample!r}")
         if not self.size <= self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range {self.scale_range} must start at or above size {self.size}")
+        if self.eval_resize < self.size:
+            raise ValueError(f"eval_resize {self.eval_resize} must be at least the crop size {self.size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +136,14 @@ def inception_crop_box(rng: np.random.Generator, width: int, height: int, area_r
     return (left, top, left + w, top + h)
 
 
-def center_crop_box(width: int, height: int, resize: int, size: int) -> jpeg.Box:
-    """The centre size×size window of the image resized to shorter side ``resize``, in stored pixels
-    (offsets rounded as torchvision's ``CenterCrop``)."""
-    rw, rh = jpeg.resized_size(width, height, resize)
-    top, left = int(round((rh - size) / 2)), int(round((rw - size) / 2))
-    return (left * width / rw, top * height / rh, (left + size) * width / rw, (top + size) * height / rh)
+def center_offset(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centre size×size window of a height×width image, as torchvision's ``CenterCrop``
+    rounds them: ``int(round((h - size) / 2.0))``."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def _window(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
 def train_params(rng: np.random.Generator, width: int, height: int, cfg: Preprocess) -> TrainParams:
@@ -204,14 +211,32 @@ def train_example(data: bytes, mean: np.ndarray, seed: int, epoch: int, index: i
 
 
 def eval_crop(data: bytes, cfg: Preprocess = DEFAULT) -> np.ndarray:
-    """The uint8 centre crop the eval protocol and the mean start from."""
-    box = center_crop_box(*jpeg.image_size(data), cfg.eval_resize, cfg.size)
-    return jpeg.decode_box(data, box, (cfg.size, cfg.size), draft=cfg.draft, resample=cfg.resample)
+    """The uint8 centre crop the eval protocol and the mean start from: torchvision's ``Resize(eval_resize)``
+    then ``CenterCrop(size)``, pixel for pixel (the whole image decoded and resized, then cropped)."""
+    resized = jpeg.decode_resized(data, cfg.eval_resize, resample=cfg.resample)
+    return _window(resized, *center_offset(*resized.shape[:2], cfg.size), cfg.size)
 
 
 def eval_example(data: bytes, mean: np.ndarray, cfg: Preprocess = DEFAULT) -> np.ndarray:
     """One eval image: shorter side ``eval_resize``, centre crop, mean subtracted (float32)."""
     return finish(eval_crop(data, cfg), mean)
+
+
+# ---- class names ----------------------------------------------------------------------------------------
+
+CLASS_NAMES_FILE = "imagenet_classes.txt"  # beside this module, shipped with the package (setup.cfg)
+
+
+def class_names() -> list[str]:
+    """ImageNet-1k's 1000 English class names in label order (the sorted WordNet ids of ``imagenet2012``, as
+    TFDS and torchvision number them), from the file ``tests/test_class_names.py`` writes from torchvision's
+    weights' metadata (its header names the source)."""
+    text = resources.files(__package__).joinpath(CLASS_NAMES_FILE).read_text(encoding="utf-8")
+    names = [line for line in text.splitlines() if line and not line.startswith("#")]
+    if len(names) != NUM_CLASSES:
+        raise DataError(f"{CLASS_NAMES_FILE} in the resflax package holds {len(names)} names, not {NUM_CLASSES}: "
+                        "reinstall resflax")
+    return names
 
 
 # ---- the mean -------------------------------------------------------------------------------------------
@@ -244,8 +269,9 @@ def sample_images(source: Sequence[dict], num_images: int) -> Iterator[bytes]:
 def mean_cache_path(cache_dir: str | os.PathLike, dataset: str, version: str, num_images: int,
                     cfg: Preprocess = DEFAULT) -> Path:
     """Where a per-pixel mean is cached: one file per dataset, version, sample size and crop settings."""
-    key = f"{dataset}-{version}-mean-n{num_images}-r{cfg.eval_resize}-c{cfg.size}-{cfg.resample}"
-    return Path(cache_dir) / f"{key}{'' if cfg.draft else '-nodraft'}.npy"
+    # "-tv": of torchvision's exact eval crops (full decode, truncated size rule); means cached before lack it
+    key = f"{dataset}-{version}-mean-n{num_images}-r{cfg.eval_resize}-c{cfg.size}-{cfg.resample}-tv"
+    return Path(cache_dir) / f"{key}.npy"
 
 
 def load_or_compute_mean(cache_path: str | os.PathLike, images: Callable[[], Iterable[bytes]],
@@ -272,22 +298,20 @@ def load_or_compute_mean(cache_path: str | os.PathLike, images: Callable[[], Ite
 MULTISCALE = (224, 256, 384, 480, 640)
 
 
-def ten_crop_boxes(width: int, height: int, resize: int, size: int) -> list[jpeg.Box]:
-    """The standard 10-crop's five windows (top-left, top-right, bottom-left, bottom-right, centre) of the
-    image resized to shorter side ``resize``, in stored pixels; each is also taken mirrored."""
-    rw, rh = jpeg.resized_size(width, height, resize)
-    ct, cl = int(round((rh - size) / 2)), int(round((rw - size) / 2))
-    corners = [(0, 0), (0, rw - size), (rh - size, 0), (rh - size, rw - size), (ct, cl)]
-    return [(left * width / rw, top * height / rh, (left + size) * width / rw, (top + size) * height / rh)
-            for top, left in corners]
+def five_crop_offsets(height: int, width: int, size: int) -> list[tuple[int, int]]:
+    """(top, left) of the standard five windows of a height×width image: top-left, top-right, bottom-left,
+    bottom-right, centre (torchvision's ``FiveCrop`` order and offsets)."""
+    return [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
+            center_offset(height, width, size)]
 
 
 def ten_crops(data: bytes, cfg: Preprocess = DEFAULT) -> np.ndarray:
-    """uint8 (10, size, size, 3): the five windows of ``ten_crop_boxes`` (shorter side ``eval_resize``), then
-    the same five mirrored."""
-    boxes = ten_crop_boxes(*jpeg.image_size(data), cfg.eval_resize, cfg.size)
-    return np.stack([jpeg.decode_box(data, b, (cfg.size, cfg.size), mirror=m, draft=cfg.draft,
-                                     resample=cfg.resample) for m in (False, True) for b in boxes])
+    """uint8 (10, size, size, 3): torchvision's ``TenCrop(size)`` of the image resized to shorter side
+    ``eval_resize`` (as ``eval_crop``): the five windows, then the five windows of the mirrored image (its
+    centre window is the mirror of the centre crop, shifted by a pixel when ``width - size`` is odd)."""
+    resized = jpeg.decode_resized(data, cfg.eval_resize, resample=cfg.resample)
+    return np.stack([_window(im, top, left, cfg.size) for im in (resized, resized[:, ::-1])
+                     for top, left in five_crop_offsets(*im.shape[:2], cfg.size)])
 
 
 def full_image(data: bytes, short_side: int, multiple: int = 32, cfg: Preprocess = DEFAULT) -> np.ndarray:
@@ -297,4 +321,4 @@ def full_image(data: bytes, short_side: int, multiple: int = 32, cfg: Preprocess
     width, height = jpeg.image_size(data)
     rw, rh = jpeg.resized_size(width, height, short_side)
     rw, rh = (max(multiple, multiple * round(v / multiple)) if v != short_side else v for v in (rw, rh))
-    return jpeg.decode_box(data, (0, 0, width, height), (rw, rh), draft=cfg.draft, resample=cfg.resample)
+    return jpeg.decode_box(data, (0, 0, width, height), (rw, rh), resample=cfg.resample)

@@ -106,14 +106,19 @@ def model_config(argv: list[str]) -> list[str]:
     return [f"--config={configs.experiment_path(f'experiments/{family}.py')}:{model}", *out]
 
 
-def run_import(source: str, config: Any, workdir: str, layout: str | None, given: frozenset[str] = frozenset()) -> int:
-    """``resflax import`` with its flags parsed: the weights in ``source`` as checkpoint 0 of a new run (``given``:
-    the config keys the command line set, ``config_cli.given_keys``)."""
-    from resflax.train.transfer import import_weights  # noqa: PLC0415 (start-up time)
+def run_import(source: str, fl: Any, given: frozenset[str] = frozenset()) -> int:
+    """``resflax import`` with its flags ``fl`` parsed: the weights in ``source`` as checkpoint 0 of a new run, with
+    timm's preprocessing when its config file or fields are given (``given``: the config keys the command line set,
+    ``config_cli.given_keys``)."""
+    from resflax.train.transfer import import_weights, read_timm_config  # noqa: PLC0415 (start-up time)
 
-    r = import_weights(source, config, workdir, layout, given=given)
-    print(f"imported {r['tensors']} tensors ({r['layout']} layout) as {r['model']} into {r['workdir']} "
-          f"(state_digest {r['state_digest'][:16]})")
+    timm = read_timm_config(fl.timm_config) if fl.timm_config else None
+    fields = {k: v for k, v in (("interpolation", fl.interpolation), ("crop_pct", fl.crop_pct)) if v is not None}
+    if fields:
+        timm = {**(timm or {}), **fields}
+    r = import_weights(source, fl.config, fl.workdir, fl.layout, timm=timm, given=given)
+    print(f"imported {r['tensors']} tensors ({r['layout']} layout, {r['preprocessing']}'s preprocessing) as "
+          f"{r['model']} into {r['workdir']} (state_digest {r['state_digest'][:16]})")
     return 0
 
 
@@ -138,7 +143,7 @@ def cmd_predict(argv: list[str]) -> int:
     ap.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     ap.add_argument("--json", action="store_true", help="one JSON object per image")
     args = ap.parse_args(argv)
-    from resflax.train.transfer import predict  # noqa: PLC0415 (start-up time)
+    from resflax.train.transfer import NO_NAMES, predict  # noqa: PLC0415 (start-up time)
 
     for r in predict(args.workdir, args.images):
         if args.json:
@@ -146,7 +151,7 @@ def cmd_predict(argv: list[str]) -> int:
             continue
         print(r["image"])
         for t in r["top"]:
-            print(f"  {100 * t['probability']:6.2f}%  {t['name']} ({t['class']})")
+            print(f"  {100 * t['probability']:6.2f}%  {t['name'] or NO_NAMES} ({t['class']})")
     return 0
 
 

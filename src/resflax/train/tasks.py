@@ -83,6 +83,12 @@ def preprocess(config):
         resample=config.resample)
 
 
+def channel_mean(config) -> np.ndarray:
+    """The per-channel mean that ``mean="channel"`` subtracts, float32 (3,): the config's ``channel_mean`` (the
+    weights' source's, for an import), or ImageNet's for a config written before that key."""
+    return np.asarray(config.get("channel_mean") or CHANNEL_MEAN, np.float32)
+
+
 def image_shape(config) -> tuple[int, int, int]:
     return CifarTask.image_shape if is_cifar(config) else (config.image_size, config.image_size, 3)
 
@@ -120,7 +126,7 @@ class CifarTask:
         self.std = np.asarray(self.config.std, np.float32) if self.config.get("std") else None
         if self.config.get("mean", "pixel") == "channel":  # imported weights' normalisation
 
-            mean = np.broadcast_to(np.asarray(CHANNEL_MEAN, np.float32), d.mean.shape).copy()
+            mean = np.broadcast_to(channel_mean(self.config), d.mean.shape).copy()
         self.mean = step_lib.replicate(mean, self.mesh)
 
     def _eval_step(self, model):
@@ -201,8 +207,8 @@ class ImageNetTask:
                   f"training images, cached at {pm.path}"
             how += "" if pm.cached else f" ({time.time() - t0:.0f}s)"
         else:
-            self.mean_host = imagenet.channel_mean()
-            how = f"per-channel {tuple(imagenet.CHANNEL_MEAN)}"
+            self.mean_host = channel_mean(config)
+            how = f"per-channel {tuple(float(v) for v in self.mean_host)}"
         self.std_host = np.asarray(config.std, np.float32) if config.get("std") else None
         if self.std_host is not None:
             how += f", divided by the per-channel std {tuple(float(v) for v in self.std_host)}"

@@ -10,9 +10,11 @@ killed import is removed by the next import into ``DIR`` once its process is gon
 free and its pid no longer runs). ``DIR`` must not exist or be an empty directory, checked before anything
 is read or written: a refused import touches nothing in an existing run, not even its ``.lock``.
 
-The input preprocessing travels with the weights: an import records in the run's config the normalisation
-the weights were trained with (torchvision/timm and akamaster: per-channel mean (0.485, 0.456, 0.406) and std
-(0.229, 0.224, 0.225) on RGB in [0, 1]), and every later command of the run uses it.
+The preprocessing travels with the weights: an import records in the run's config how the weights' source
+evaluated them (``SOURCES``, ``timm_preprocessing``): the filter, the resize and crop sizes, the per-channel mean
+and std. ``eval``, ``predict`` and fine-tuning (``train`` on the run) use them, and the evaluation crops are
+pixel-identical to the source's own (``data.jpeg``). A ``--config.KEY`` given on the command line wins over the
+source's value (said at import).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -31,7 +34,7 @@ import ml_collections
 import numpy as np
 from safetensors import SafetensorError
 
-from resflax import weights
+from resflax import configs, weights
 from resflax.data import cifar10, imagenet, imagenet_source, jpeg
 from resflax.data.files import cache_dir
 from resflax.errors import BadInput, DataError, WorkdirError, WriteError
@@ -45,6 +48,20 @@ from resflax.train.distributed import to_host
 TORCH_STD = (0.229, 0.224, 0.225)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 
+# How each source evaluated its weights, as config settings. torchvision: its weights' ``transforms`` preset
+# (ImageClassification: Resize(256) + CenterCrop(224), bilinear, on the PIL image; its IMAGENET1K_V2 ResNet
+# weights use resize_size=232: give --config.eval_resize=232), ImageNet's mean and std. akamaster
+# (pytorch_resnet_cifar10/trainer.py): CIFAR-10's 32x32 images as stored, the same mean and std.
+SOURCES = {
+    "torchvision": {"mean": "channel", "channel_mean": TORCH_MEAN, "std": TORCH_STD, "resample": "bilinear",
+                    "eval_resize": 256, "image_size": 224},
+    "akamaster": {"mean": "channel", "channel_mean": TORCH_MEAN, "std": TORCH_STD},
+}
+# The fields of a timm pretrained config that make its eval transform, with the values timm's
+# resolve_data_config gives those absent (timm 1.0: timm/data/config.py, constants.py).
+TIMM_DEFAULTS = {"interpolation": "bicubic", "crop_pct": 0.875, "mean": TORCH_MEAN, "std": TORCH_STD,
+                 "input_size": (3, 224, 224), "crop_mode": "center"}
+
 
 # The network settings a layout implies by default; a value the command line gave is kept instead (weight shapes
 # cannot tell v1 from v1.5, nor option A's zero-padding layout: the user's word is honoured, and
@@ -56,31 +73,94 @@ def _settings(config: ml_collections.ConfigDict, layout: str, given: frozenset[s
     """The config settings the layout's weights need, less the network settings in ``given`` (the keys the
     command line set: kept as given)."""
     if layout == "torchvision":
-        out = {"mean": "channel", "std": TORCH_STD}
+        out = {}
         if not config.model.startswith("vgg"):
             out.update(stride_on_3x3=True, shortcut="B")  # v1.5 bottlenecks; projections where shapes change
     else:
-        out = {"pad_layout": "split", "mean": "channel", "std": TORCH_STD}  # akamaster
+        out = {"pad_layout": "split"}  # akamaster
     return {k: v for k, v in out.items() if k not in given or k not in NETWORK_KEYS}
 
 
+def read_timm_config(path: str | Path) -> dict[str, Any]:
+    """The preprocessing fields (``TIMM_DEFAULTS``' names) of a timm pretrained config file: the ``config.json``
+    timm's models have on the Hugging Face hub (the fields under ``pretrained_cfg``) or a ``pretrained_cfg``
+    dict written as JSON."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise BadInput(f"{path} is not JSON ({e})") from None
+    cfg = d.get("pretrained_cfg", d) if isinstance(d, dict) else None
+    if not isinstance(cfg, dict) or not any(k in cfg for k in TIMM_DEFAULTS):
+        raise BadInput(f"{path} is not a timm pretrained config: none of {', '.join(TIMM_DEFAULTS)} in it")
+    return {k: cfg[k] for k in TIMM_DEFAULTS if cfg.get(k) is not None}
+
+
+def timm_preprocessing(cfg: dict[str, Any]) -> dict[str, Any]:
+    """timm's eval transform for a pretrained config (``TIMM_DEFAULTS`` where a field is absent) as config
+    settings: ``Resize(floor(size / crop_pct), interpolation)`` + ``CenterCrop(size)``, then mean and std, as
+    ``timm.data.create_transform(**resolve_data_config(...))`` makes it for crop_mode "center"."""
+    c = {**TIMM_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    if c["interpolation"] not in jpeg.RESAMPLE:
+        raise BadInput(f"timm interpolation {c['interpolation']!r} is not one of {', '.join(jpeg.RESAMPLE)}")
+    if c["crop_mode"] != "center":
+        raise BadInput(f"timm crop_mode {c['crop_mode']!r}: resflax evaluates timm's 'center' mode only (a "
+                       "shorter-side resize, then a centre crop)")
+    size = c["input_size"]
+    if not (isinstance(size, list | tuple) and len(size) == 3 and size[1] == size[2] and isinstance(size[1], int)
+            and size[1] > 0):
+        raise BadInput(f"timm input_size must be (3, N, N), got {size!r}")
+    pct = c["crop_pct"]
+    if not (isinstance(pct, int | float) and 0 < pct <= 1):
+        raise BadInput(f"timm crop_pct must be in (0, 1], got {pct!r}")
+    out = {"mean": "channel", "channel_mean": c["mean"], "std": c["std"], "resample": c["interpolation"],
+           "image_size": size[1], "eval_resize": math.floor(size[1] / pct)}
+    for key in ("channel_mean", "std"):
+        configs.check(key, out[key])
+        out[key] = tuple(float(v) for v in out[key])
+    return out
+
+
+def preprocessing(config: ml_collections.ConfigDict, layout: str,
+                  timm: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """(source name, config settings) of the weights' evaluation preprocessing: timm's when ``timm`` (its
+    pretrained config fields) is given, else the layout's source's."""
+    if timm is not None:
+        if tasks.is_cifar(config):
+            raise BadInput("timm's preprocessing (--timm_config, --interpolation, --crop_pct) is for ImageNet models")
+        return "timm", timm_preprocessing(timm)
+    source = "torchvision" if layout == "torchvision" else "akamaster"
+    return source, dict(SOURCES[source])
+
+
 def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdir: str | Path,
-                   layout: str | None = None, say=print, given: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Writes the weights of ``source`` into a new run in ``workdir`` (refused unless absent or an empty folder).
-    ``given``: the config keys the command line set; a network setting among them (``NETWORK_KEYS``: v1 with
-    ``stride_on_3x3=False``, a shortcut option, option A's ``pad_layout``) is used as given, not the layout's
-    default, and recorded in the run's config like every setting."""
+                   layout: str | None = None, say=print, timm: dict[str, Any] | None = None,
+                   given: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Writes the weights of ``source`` into a new run in ``workdir`` (refused unless absent or an empty folder),
+    with the source's preprocessing (``preprocessing``; ``timm``: a timm pretrained config's fields). ``given``:
+    the config keys the command line set, kept as given (and said): a preprocessing setting, or a network
+    setting (``NETWORK_KEYS``: v1 with ``stride_on_3x3=False``, a shortcut option, option A's ``pad_layout``)
+    used instead of the layout's default and recorded in the run's config like every setting."""
     layout = layout or ("cifar" if tasks.is_cifar(config) else "torchvision")
     path = Path(workdir).expanduser().absolute()
     _refuse_existing(path)  # before anything is read, locked or written
+    prep_source, prep = preprocessing(config, layout, timm)
     state_dict = weights.read_state_dict(source)
-    settings = _settings(config, layout, given)
+    kept = {k: config[k] for k in prep if k in given}
+    settings = {**_settings(config, layout, given), **{k: v for k, v in prep.items() if k not in given}}
+    size = settings.get("image_size")
+    if size is not None and "scale_range" not in given and size > config.scale_range[0]:
+        settings["scale_range"] = (size, max(size, config.scale_range[1]))  # fine-tuning's scales start at the crop
     with config.unlocked():
         for k, v in settings.items():
             config[k] = v
-    kept = [k for k in NETWORK_KEYS if k in given and k in config and not config.model.startswith("vgg")]
-    say("settings for these weights: " + ", ".join([*(f"{k}={v!r}" for k, v in settings.items()),
-                                                    *(f"{k}={config[k]!r} (as given)" for k in kept)]))
+    network = [k for k in NETWORK_KEYS if k in given and k in config and not config.model.startswith("vgg")]
+    say(f"settings for these weights ({prep_source}'s preprocessing): "
+        + ", ".join([*(f"{k}={v!r}" for k, v in settings.items()), *(f"{k}={config[k]!r} (as given)" for k in network)]))
+    if kept:
+        say("kept from the command line: " + ", ".join(f"{k}={v!r} ({prep_source}: {prep[k]!r})"
+                                                        for k, v in kept.items()))
     try:  # the dataset, when it is here, gives the number of classes (and is checked now, not later)
         p = loop.plan(config)
     except DataError:
@@ -103,7 +183,9 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
         ckpt.save(0, step_lib.replicate(state, p.mesh),
                   {"config": cfg, "step": 0, "state_digest": state_lib.state_digest(host), "devices": int(p.mesh.size),
                    "processes": 1, "num_classes": int(p.model.num_classes),
-                   "imported_from": Path(source).name, "layout": layout}, host_state=host)
+                   "imported_from": Path(source).name, "layout": layout,
+                   "preprocessing": {"source": prep_source, **({"timm": timm} if timm is not None else {})}},
+                  host_state=host)
         ckpt.close()  # waits until the asynchronous save is complete (or raises CheckpointError)
         _publish(build, path)
     except BaseException:
@@ -112,7 +194,7 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     finally:
         lock.release()
     return {"workdir": str(path), "model": config.model, "layout": layout, "tensors": len(state_dict),
-            "state_digest": state_lib.state_digest(host)}
+            "state_digest": state_lib.state_digest(host), "preprocessing": prep_source}
 
 
 BUILDING = ".importing-"  # DIR.importing-<pid>: an import's run while it is being written
@@ -225,7 +307,7 @@ def _check_writable(out: Path) -> None:
 def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[str, Any]]:
     """Top-``top`` classes (index, name, probability) of each image file, with the run's preprocessing."""
     config, run, state = evaluate.restore(workdir, locate_data=False, purpose="predict with")
-    names = _class_names(config)
+    names = class_names(config, int(run.model.num_classes))
     variables = to_host({"params": state.params, "batch_stats": state.batch_stats})
     if tasks.is_cifar(config):
         size = 32
@@ -254,14 +336,14 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
             x = x / std
         probs = np.asarray(jax.nn.softmax(run.model.apply(variables, x, train=False)[0]))
         best = np.argsort(-probs, kind="stable")[:top]
-        out.append({"image": str(f), "top": [{"class": int(i), "name": names[i] if names else str(int(i)),
+        out.append({"image": str(f), "top": [{"class": int(i), "name": names[i] if names else None,
                                                "probability": float(probs[i])} for i in best]})
     return out
 
 
 def _mean(config, size: int) -> np.ndarray:
     if config.get("mean") == "channel":
-        return np.asarray(TORCH_MEAN, np.float32)
+        return tasks.channel_mean(config)
     # the paper's per-pixel mean needs the training data (CIFAR-10's, or the cached ImageNet mean)
     if tasks.is_cifar(config):
         return cifar10.load(cifar10.locate(config.data_dir), config.val_examples, cache_dir(config)).mean
@@ -271,11 +353,19 @@ def _mean(config, size: int) -> np.ndarray:
     return imagenet_source.pixel_mean(src, train, cache_dir(config), config.mean_images, tasks.preprocess(config)).mean
 
 
-def _class_names(config) -> list[str] | None:
-    try:
-        if tasks.is_cifar(config):
-            return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+NO_NAMES = "(no names for this dataset)"
 
-        return imagenet_source.open_source(config.dataset, config.data_dir).class_names or None
+
+def class_names(config, num_classes: int) -> list[str] | None:
+    """The English names of a run's ``num_classes`` classes: CIFAR-10's; ImageNet's 1000 (shipped with resflax,
+    ``imagenet.class_names``) for an ``imagenet2012`` run, its data present or not; any other dataset's own
+    label names when it is here; else None (``NO_NAMES``)."""
+    if tasks.is_cifar(config):
+        return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    if config.dataset == imagenet_source.IMAGENET and num_classes == imagenet.NUM_CLASSES:
+        return imagenet.class_names()
+    try:
+        names = imagenet_source.open_source(config.dataset, config.data_dir).class_names
     except Exception:  # noqa: BLE001 (no dataset here: class indices only)
         return None
+    return names if len(names) == num_classes else None
