@@ -156,8 +156,8 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
         for k, v in settings.items():
             config[k] = v
     network = [k for k in NETWORK_KEYS if k in given and k in config and not config.model.startswith("vgg")]
-    say(f"settings for these weights ({prep_source}'s preprocessing): "
-        + ", ".join([*(f"{k}={v!r}" for k, v in settings.items()), *(f"{k}={config[k]!r} (as given)" for k in network)]))
+    said = [*(f"{k}={v!r}" for k, v in settings.items()), *(f"{k}={config[k]!r} (as given)" for k in network)]
+    say(f"settings for these weights ({prep_source}'s preprocessing): " + ", ".join(said))
     if kept:
         say("kept from the command line: " + ", ".join(f"{k}={v!r} ({prep_source}: {prep[k]!r})"
                                                         for k, v in kept.items()))
