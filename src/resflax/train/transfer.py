@@ -75,12 +75,12 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     weights.check_variant(state_dict, p.model, layout)
     tx_fn = state_lib.optimizer(config)
     shape = tasks.image_shape(config)
+    # shapes only: the weights come from the file, so nothing is initialised (no eager model.init)
     abstract = jax.eval_shape(lambda: p.model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
     variables = weights.from_torch(state_dict, p.model, abstract, layout)
-    init = state_lib.init_state(p.model, tx_fn, config.seed, shape, config.warmup)
-    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-    stats = jax.tree_util.tree_map(jnp.asarray, variables.get("batch_stats", {}))
-    state = init.replace(params=params, batch_stats=stats, opt_state=tx_fn(params).init(params))
+    # the rest of the state (optimizer state, step, rng, warm-up) around them in one program, which the
+    # compilation cache keeps, instead of one eagerly compiled op per optimizer leaf shape
+    state = jax.jit(lambda v: state_lib.init_state(p.model, tx_fn, config.seed, shape, config.warmup, v))(variables)
     wd.prepare(path.parent)
     build, lock = _start_build(path)
     try:
@@ -214,7 +214,7 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
     """Top-``top`` classes (index, name, probability) of each image file, with the run's preprocessing."""
     config, run, state = evaluate.restore(workdir, locate_data=False, purpose="predict with")
     names = _class_names(config)
-    variables = to_host({"params": state.params, "batch_stats": state.batch_stats})
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     if tasks.is_cifar(config):
         size = 32
         cfg = None
@@ -223,6 +223,8 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         size = cfg.size
     mean = _mean(config, size)
     std = np.asarray(config.std, np.float32) if config.get("std") else None
+    # one compiled program (kept in the compilation cache), not one per operation of an eager forward pass
+    forward = jax.jit(lambda v, x: jax.nn.softmax(run.model.apply(v, x, train=False)))
     out = []
     for f in images:
         data = Path(f).read_bytes()
@@ -240,7 +242,7 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         x = crop[None].astype(np.float32) / 255 - mean
         if std is not None:
             x = x / std
-        probs = np.asarray(jax.nn.softmax(run.model.apply(variables, x, train=False)[0]))
+        probs = np.asarray(forward(variables, x)[0])
         best = np.argsort(-probs, kind="stable")[:top]
         out.append({"image": str(f), "top": [{"class": int(i), "name": names[i] if names else str(int(i)),
                                                "probability": float(probs[i])} for i in best]})
