@@ -11,16 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_train import mock, tiny_config
 
 from resflax.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
-# resflax eval in a fresh process, on the same TFDS mock data the run was trained on
-EVAL = ("import sys, tensorflow_datasets as tfds\nfrom resflax import cli\n"
-        "with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):\n"
-        "    sys.exit(cli.main(['eval', '--workdir', sys.argv[1], '--json']))\n")
+# `resflax ARGV` in a fresh process, on the same TFDS mock data the run was trained on
+CLI = ("import sys, tensorflow_datasets as tfds\nfrom resflax import cli\n"
+       "with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):\n"
+       "    sys.exit(cli.main(sys.argv[1:]))\n")
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +50,15 @@ def _env(cache_home: Path, **extra: str) -> dict:
     return env
 
 
-def _eval(w: Path, cache_home: Path, **extra: str) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-c", EVAL, str(w)], capture_output=True, text=True,
+def _cli(argv: list[str], cache_home: Path, **extra: str) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-c", CLI, *argv], capture_output=True, text=True,
                        env=_env(cache_home, **extra), cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
+
+
+def _eval(w: Path, cache_home: Path, **extra: str) -> subprocess.CompletedProcess:
+    return _cli(["eval", "--workdir", str(w), "--json"], cache_home, **extra)
 
 
 def _entries(cache: Path) -> set[str]:
@@ -71,6 +76,21 @@ def test_second_eval_reads_what_the_first_compiled(run_dir, tmp_path):
     assert "Persistent compilation cache hit" in warm.stderr
     assert "PERSISTENT COMPILATION CACHE MISS" not in warm.stderr
     assert cold.stdout.strip().splitlines()[-1] == warm.stdout.strip().splitlines()[-1]  # same result
+
+
+def test_predict_is_one_program_loaded_from_the_cache(run_dir, tmp_path):
+    """resflax predict runs its forward pass as one compiled program (not one per operation, as an eager
+    ``model.apply`` does), so a warm start loads one program from the cache and compiles nothing."""
+    from PIL import Image  # noqa: PLC0415
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    argv = ["predict", "--workdir", str(run_dir), str(image), "--json"]
+    cold = _cli(argv, tmp_path)
+    warm = _cli(argv, tmp_path)
+    assert "PERSISTENT COMPILATION CACHE MISS" not in warm.stderr
+    assert warm.stderr.count("Persistent compilation cache hit") == 1, warm.stderr[-3000:]
+    assert cold.stdout == warm.stdout
 
 
 def test_the_setting_turns_it_off(run_dir, tmp_path):
@@ -111,7 +131,6 @@ def test_no_command_but_a_new_run_initialises_the_network(tmp_path, monkeypatch,
     import flax.linen as nn  # noqa: PLC0415
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
     from resflax import cli  # noqa: PLC0415
@@ -155,7 +174,8 @@ def test_processes_sharing_the_cache_get_whole_entries(run_dir, tmp_path):
     third: every run exits 0 with the same result, no read or write of the cache fails (JAX raises on one here
     instead of warning), and the third compiles nothing. No temporary file is left."""
     env = _env(tmp_path, JAX_RAISE_PERSISTENT_CACHE_ERRORS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", EVAL, str(run_dir)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", CLI, "eval", "--workdir", str(run_dir), "--json"],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):

@@ -242,7 +242,7 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         x = crop[None].astype(np.float32) / 255 - mean
         if std is not None:
             x = x / std
-        probs = np.asarray(forward(variables, x)[0])
+        probs = np.asarray(forward(variables, x))[0]
         best = np.argsort(-probs, kind="stable")[:top]
         out.append({"image": str(f), "top": [{"class": int(i), "name": names[i] if names else str(int(i)),
                                                "probability": float(probs[i])} for i in best]})
