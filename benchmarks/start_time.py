@@ -121,6 +121,57 @@ def _prepare_resnet50(tmp: Path) -> None:
     Image.fromarray(skimage.data.coffee()).save(tmp / "coffee.jpg")
 
 
+def _predict_phases(workdir: str, photo: str) -> None:
+    """Where a warm ``resflax predict`` of ``workdir`` spends its time, step by step as ``transfer.predict`` and
+    ``evaluate.restore`` take them (run in a child process whose compilation cache is warm); prints one
+    ``phase seconds`` line each."""
+    t = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        print(f"{name} {now - t[0]:.3f}", flush=True)
+        t[0] = now
+
+    import jax  # noqa: PLC0415 (the phases are the point: each import is timed)
+    lap("import jax")
+    from resflax import xla  # noqa: PLC0415
+    xla.compilation_cache()
+    lap("compilation cache on")
+    from resflax.train import evaluate, tasks  # noqa: PLC0415
+    from resflax.train import state as state_lib  # noqa: PLC0415
+    from resflax.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from resflax.train.distributed import to_host  # noqa: PLC0415
+    lap("import resflax.train (flax, optax, orbax, tfds, grain)")
+    config = evaluate.load_config(workdir)
+    config.num_devices = 0
+    run_plan = evaluate.read(config, locate_data=False)
+    lap("config, model, mesh")
+    abstract = state_lib.abstract_state(run_plan.model, state_lib.optimizer(config), config.seed,
+                                        tasks.image_shape(config), config.warmup, run_plan.mesh)
+    lap("abstract state (jax.eval_shape of init)")
+    ckpt = Checkpointer(workdir, read_only=True)
+    step = ckpt.steps()[-1]
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore()))
+    state = jax.block_until_ready(out["state"])
+    lap("Orbax restore (params, batch stats, momentum)")
+    state_lib.tree_digest(to_host(state))
+    lap("checkpoint digest check (SHA-256 of the state)")
+    ckpt.close()
+    from resflax.data import imagenet  # noqa: PLC0415
+    x = imagenet.eval_crop(Path(photo).read_bytes(), tasks.preprocess(config))[None].astype(np.float32) / 255
+    lap("decode and crop the photo")
+    forward = jax.jit(lambda v, x: jax.nn.softmax(run_plan.model.apply(v, x, train=False)))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    lowered = forward.lower(variables, x)
+    lap("trace and lower the forward pass")
+    compiled = lowered.compile()
+    lap("compile (a cache hit when warm)")
+    np.asarray(compiled(variables, x))
+    lap("run the forward pass")
+
+
 def _resnet50_setup(tmp: Path) -> dict[str, tuple[list[str], bool]]:
     tmp.mkdir(parents=True)
     subprocess.run([sys.executable, __file__, "--prepare-resnet50", str(tmp)], env=_env(tmp / "prep", {}), check=True,
@@ -146,9 +197,13 @@ def main() -> int:
     ap.add_argument("--models", default="resnet8,resnet50", help="the set-ups to run (comma-separated)")
     ap.add_argument("--out", help="also write the markdown table here")
     ap.add_argument("--prepare-resnet50", help=argparse.SUPPRESS)  # internal: _resnet50_setup's child process
+    ap.add_argument("--predict-phases", nargs=2, help=argparse.SUPPRESS)  # internal: WORKDIR PHOTO
     args = ap.parse_args()
     if args.prepare_resnet50:
         _prepare_resnet50(Path(args.prepare_resnet50))
+        return 0
+    if args.predict_phases:
+        _predict_phases(*args.predict_phases)
         return 0
     with tempfile.TemporaryDirectory(prefix="resflax-start-") as tmp:
         tmp = Path(tmp)
@@ -162,6 +217,7 @@ def main() -> int:
         cases = [(model, name, argv, mock, setting, extra) for model, commands, settings in setups
                  for name, (argv, mock) in commands.items() for setting, extra in settings.items()]
         got: dict[tuple, list] = {}
+        phases: dict[str, list[float]] = {}
         for r in range(args.rounds):  # rounds outermost: the machine's load falls on every case alike
             for name, code in FLOOR.items():
                 wall, rss = run([], _env(tmp / "floor", {}), code=code)
@@ -176,6 +232,14 @@ def main() -> int:
                         (wall, rss, _entries(home / "resflax" / "xla")))
                     print(f"{model:8s} {name:8s} {setting:8s} {start} {r}: {wall:6.2f} s  {rss:7.0f} MiB  "
                           f"{got[model, name, setting, start][-1][-1]} entries", flush=True)
+            if "resnet50" in models:  # where the warm predict's time goes, in the cache the last start filled
+                home = tmp / "homes" / f"resnet50-predict-resflax-{r}"
+                p = subprocess.run([sys.executable, __file__, "--predict-phases", str(tmp / "r50" / "r50"),
+                                    str(tmp / "r50" / "coffee.jpg")], env=_env(home, {}), capture_output=True,
+                                   text=True, check=True)
+                for line in p.stdout.splitlines():
+                    name, secs = line.rsplit(" ", 1)
+                    phases.setdefault(name, []).append(float(secs))
         rows = [(*key, *(float(np.median(c)) for c in zip(*vals, strict=True))) for key, vals in got.items()]
     lines = [f"Machine: {_cpu()}, {os.cpu_count()} cores, "
              f"Python {platform.python_version()}, jax {_version('jax')}, jaxlib {_version('jaxlib')}; "
@@ -183,6 +247,11 @@ def main() -> int:
              "| model | command | cache | start | wall (s) | peak RSS (MiB) | cache entries after |",
              "|---|---|---|---|---:|---:|---:|"]
     lines += [f"| {m} | {n} | {s} | {st} | {w:.2f} | {r:.0f} | {e:.0f} |" for m, n, s, st, w, r, e in rows]
+    if phases:
+        lines += ["", "Warm `resflax predict` of the ResNet-50 run, phase by phase (in one process, as "
+                  "`transfer.predict` takes them):", "", "| phase | s |", "|---|---:|"]
+        lines += [f"| {name} | {np.median(v):.2f} |" for name, v in phases.items()]
+        lines.append(f"| sum | {sum(np.median(v) for v in phases.values()):.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
