@@ -7,6 +7,7 @@ conftest.py sets for the session is taken out of the child's environment)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,24 @@ def test_the_cache_folder_is_bounded(tmp_path):
     assert xla.prune_cache(tmp_path, max_bytes=8000) == 6000  # 10 kB > 8 kB: down to 4 kB, oldest first
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-live", "key6-cache", "key7-cache", "key8-cache",
                                                            "key9-cache", "notes.txt"]
+
+
+def _keys(stderr: str, pattern: str) -> set[str]:
+    return set(re.findall(pattern + r".*? with key '([^']+)'", stderr))
+
+
+def test_a_resumed_train_compiles_nothing_and_loads_no_initialisation(tmp_path):
+    """A run resumed in a new process loads every program it runs from the cache, and only those of training
+    and evaluation: the programs that initialised the network in the first start (one random draw per weight
+    shape) are neither compiled nor loaded, since the checkpoint is restored into shapes."""
+    w = tmp_path / "w"
+    train = ["train", "--config=experiments/cifar10.py:resnet8", "--config.batch_size=16",
+             "--config.eval_batch_size=32", "--config.lr_boundaries=(1,2)", "--config.eval_every_steps=2",
+             "--config.checkpoint_every_steps=2", "--config.progress=False", f"--workdir={w}"]
+    first = _cli([*train, "--config.num_steps=2"], tmp_path)
+    resumed = _cli([*train, "--config.num_steps=4"], tmp_path)
+    assert "resumed from step 2" in resumed.stdout
+    assert "PERSISTENT COMPILATION CACHE MISS" not in resumed.stderr
+    written = _keys(first.stderr, "to persistent compilation cache")
+    loaded = _keys(resumed.stderr, "Persistent compilation cache hit")
+    assert loaded and loaded < written, (len(loaded), len(written))
