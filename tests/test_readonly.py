@@ -57,7 +57,7 @@ FAULTS = {
     "responses": (responses, "response_stds", lambda w, t: ["responses", "--workdir", str(w), "--max_images", "8"]),
     "report": (report, "table6_markdown", lambda w, t: ["report", str(w), "--out", str(t / "report")]),
     "export": (weights, "check_variant", lambda w, t: ["export", f"--workdir={w}", f"--out={t / 'w.safetensors'}"]),
-    "predict": (transfer, "to_host", lambda w, t: ["predict", f"--workdir={w}", str(t / "img.png")]),
+    "predict": (transfer, "class_names", lambda w, t: ["predict", f"--workdir={w}", str(t / "img.png")]),
 }
 
 

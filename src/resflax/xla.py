@@ -15,8 +15,10 @@ no computation ran before.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
 import warnings
 
 import jaxlib
@@ -103,6 +105,12 @@ CACHE_ENV = "RESFLAX_COMPILATION_CACHE"
 # run compiles on CPU (eval of a CIFAR ResNet-8 on mock data: every program under 1 s), so those starts stayed
 # cold; 0 writes them all (measured in benchmarks/start_time.py, table in docs/performance.md).
 CACHE_MIN_COMPILE_SECS = 0.0
+# The folder's bound: when a start finds more than this in it, the least recently used entries are deleted
+# until it holds half (prune_cache). ResNet-50's predict program is 73 KB, import's 42 KB, and ResNet-8's first
+# training start writes 76 programs: this keeps thousands.
+CACHE_MAX_BYTES = 1 << 30
+CACHE_SUFFIX = "-cache"  # JAX's entry files: <key>-cache (jax/_src/lru_cache.py)
+_TMP = ".tmp-"  # an entry being written (atomic_cache_writes): renamed into place when complete
 _OFF = ("0", "false", "False", "no", "off")
 
 
@@ -113,10 +121,10 @@ def compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
     be made or written (then nothing, silently). Returns the folder now in use, None if none was set here.
 
     Call it before JAX compiles anything: JAX decides whether a process uses the cache at its first compile.
-    Several processes may share the folder: JAX writes one file per program, named by a hash of the program,
-    the compile options, the XLA flags, the devices and the jax/jaxlib versions, never rewrites a key that is
-    there, and a read that fails (say a file another process is still writing) is a warning and a compile, not
-    a wrong program (``jax/_src/lru_cache.py``, ``compiler._cache_read``)."""
+    Several processes may share the folder: JAX names each entry by a hash of the program, the compile options,
+    the XLA flags, the devices and the jax/jaxlib versions and never rewrites a key that is there; resflax makes
+    each write atomic (``atomic_cache_writes``: JAX's own truncates and writes in place, so a reader could meet
+    half an entry), and bounds the folder (``prune_cache``, ``CACHE_MAX_BYTES``)."""
     if os.environ.get(CACHE_ENV, "1") in _OFF or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return None
     import jax  # noqa: PLC0415 (start-up time: only the commands that run JAX call this)
@@ -127,7 +135,7 @@ def compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
         from resflax.configs import user_cache_dir  # noqa: PLC0415
 
         cache_dir = user_cache_dir() / "xla"
-    path = os.fspath(cache_dir)
+    path = os.path.abspath(os.fspath(cache_dir))
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
@@ -135,7 +143,87 @@ def compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
         os.unlink(probe)
     except OSError:
         return None
+    prune_cache(path)
+    atomic_cache_writes()
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
     return path
+
+
+def prune_cache(path: str | os.PathLike, max_bytes: int = CACHE_MAX_BYTES, stale_secs: float = 3600.0) -> int:
+    """Deletes the least recently used entries of the cache folder ``path`` (by the later of a file's access and
+    modification time) while it holds more than ``max_bytes``, down to half of it, and entries a killed process
+    left half written (``.tmp-*`` older than ``stale_secs``). Returns the bytes freed. One ``stat`` per entry:
+    a few milliseconds per start. An entry deleted while another process reads it is, for that process, a
+    warning and a compile (``compiler._cache_read``), not an error."""
+    now, entries, total, freed = time.time(), [], 0, 0
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if e.name.startswith(_TMP) and now - st.st_mtime > stale_secs:
+                    with contextlib.suppress(OSError):
+                        os.unlink(e.path)
+                        freed += st.st_size
+                elif e.name.endswith(CACHE_SUFFIX) and e.is_file(follow_symlinks=False):
+                    entries.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
+                    total += st.st_size
+    except OSError:
+        return freed
+    if total <= max_bytes:
+        return freed
+    for _, size, f in sorted(entries):
+        if total <= max_bytes // 2:
+            break
+        with contextlib.suppress(OSError):
+            os.unlink(f)
+            total -= size
+            freed += size
+    return freed
+
+
+def atomic_cache_writes() -> bool:
+    """Makes this process's JAX write each persistent-cache entry to a temporary file beside it and rename it
+    into place (``os.replace``, atomic on a POSIX file system), so that another process sharing the folder reads
+    a whole entry or none. JAX's ``LRUCache.put`` writes the file in place (``write_bytes``) when no size limit
+    is set, so a concurrent reader could meet a truncated entry: a warning and a recompile in that process, and
+    an entry left truncated for good by a process killed while writing it. Uses JAX's private modules; returns
+    False (JAX's own writes) if a JAX version moved them."""
+    try:
+        from jax._src import compilation_cache as cc  # noqa: PLC0415 (private API, looked up only here)
+        from jax._src import lru_cache  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - private API moved
+        return False
+    base = getattr(lru_cache, "LRUCache", None)
+    if getattr(cc, "LRUCache", None) is not base:
+        return getattr(getattr(cc, "LRUCache", None), "atomic", False)  # done already in this process (or moved)
+    if base is None or getattr(lru_cache, "_CACHE_SUFFIX", None) != CACHE_SUFFIX:
+        return False  # a JAX whose cache differs from the one checked
+
+    class AtomicLRUCache(base):
+        atomic = True
+
+        def put(self, key: str, value: bytes) -> None:
+            folder = os.fspath(self.path)
+            if getattr(self, "eviction_enabled", True) or not key or "://" in folder:
+                return super().put(key, value)  # with a size limit JAX locks every read and write
+            target = os.path.join(folder, f"{key}{CACHE_SUFFIX}")
+            if os.path.exists(target):
+                return None
+            fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(value)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            return None
+
+    cc.LRUCache = AtomicLRUCache
+    return True

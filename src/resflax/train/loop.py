@@ -224,11 +224,14 @@ def _train(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, ch
     is_main = jax.process_index() == 0
     tx_fn = state_lib.optimizer(config)
     models = mem.models(p.model)
-    inits = [state_lib.init_state(models[k], tx_fn, m.seed, task.image_shape, config.warmup)
-             for k, m in enumerate(mem.list)]
-    tx = tx_fn(inits[0].params)
-    abstract = state_lib.abstract_state(models[0], tx_fn, mem.list[0].seed, task.image_shape, config.warmup, p.mesh,
-                                        inits[0])
+
+    def inits(k: int):
+        """Member ``k``'s initial state, computed only for a member that restores no checkpoint: a resumed run
+        initialises nothing (restoring needs the shapes alone)."""
+        return state_lib.init_state(models[k], tx_fn, mem.list[k].seed, task.image_shape, config.warmup)
+
+    abstract = state_lib.abstract_state(models[0], tx_fn, mem.list[0].seed, task.image_shape, config.warmup, p.mesh)
+    tx = tx_fn(abstract.params)
     ckpts = [Checkpointer(d, keep=config.keep_checkpoints) for d in mem.dirs]
     writers: list[wd.MetricsWriter] = []
     try:
@@ -249,7 +252,7 @@ def _loop(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, cha
           is_main: bool, tx, inits, abstract, ckpts, writers) -> dict[str, Any]:
     K, mesh = mem.K, p.mesh
     restored, metas = mem.restore(ckpts, abstract, alive)
-    states = mem.combine([s if s is not None else step_lib.replicate(inits[k], mesh) for k, s in enumerate(restored)],
+    states = mem.combine([s if s is not None else step_lib.replicate(inits(k), mesh) for k, s in enumerate(restored)],
                          mesh)
     first = next(k for k in mem if alive[k])
     start = max(int(to_host(s.step)) if s is not None else 0 for k, s in enumerate(restored) if alive[k])

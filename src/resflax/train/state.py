@@ -60,21 +60,23 @@ def optimizer(config) -> Any:
                              weight_decay_on=config.weight_decay_on)
 
 
-def abstract_state(model, tx_fn, seed: int, image_shape, warmup: bool, mesh, init: Any = None) -> TrainState:
+def abstract_state(model, tx_fn, seed: int, image_shape, warmup: bool, mesh) -> TrainState:
     """The train state's shapes and dtypes, replicated over ``mesh``: what a checkpoint is restored into.
-    Taken from ``init`` when the caller has the initial state already, else without computing any value
-    (``jax.eval_shape`` of ``init_state``)."""
-    shapes = init if init is not None else jax.eval_shape(
-        lambda: init_state(model, tx_fn, seed, image_shape, warmup))
+    Nothing is computed or compiled (``jax.eval_shape`` of ``init_state``)."""
+    shapes = jax.eval_shape(lambda: init_state(model, tx_fn, seed, image_shape, warmup))
     rep = NamedSharding(mesh, PartitionSpec())
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
 
 
-def init_state(model, tx_fn, seed: int, image_shape, warmup: bool) -> TrainState:
-    """Initialises the model with He init from ``seed`` and builds the optimizer state."""
+def init_state(model, tx_fn, seed: int, image_shape, warmup: bool, variables: Any = None) -> TrainState:
+    """Initialises the model with He init from ``seed`` and builds the optimizer state; with ``variables``
+    (``{"params", "batch_stats"}``, e.g. imported weights) the state holds those and nothing is initialised.
+    Called eagerly only to start a new run: every other path (restoring, importing) traces it, inside
+    ``jax.eval_shape`` (``abstract_state``) or ``jax.jit`` (one program, kept in the compilation cache)."""
     rng = jax.random.PRNGKey(seed)
-    init_key = jax.random.fold_in(rng, 2)
-    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    if variables is None:
+        init_key = jax.random.fold_in(rng, 2)
+        variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     # stages the model scans hold their repeated blocks stacked (a few leaves instead of thousands in the
     # step); a no-op for every model that does not scan (all paper models but ResNet-1202)
     variables = pack_blocks(model, variables)

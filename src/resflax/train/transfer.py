@@ -167,21 +167,22 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
         p = loop.plan(config, locate_data=False)
     tx_fn = state_lib.optimizer(config)
     shape = tasks.image_shape(config)
+    # shapes only: the weights come from the file, so nothing is initialised (no eager model.init)
     abstract = jax.eval_shape(lambda: p.model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
     variables = weights.from_torch(state_dict, p.model, abstract, layout)
-    init = state_lib.init_state(p.model, tx_fn, config.seed, shape, config.warmup)
-    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-    stats = jax.tree_util.tree_map(jnp.asarray, variables.get("batch_stats", {}))
-    state = init.replace(params=params, batch_stats=stats, opt_state=tx_fn(params).init(params))
+    # the rest of the state (optimizer state, step, rng, warm-up) around them in one program, which the
+    # compilation cache keeps, instead of one eagerly compiled op per optimizer leaf shape
+    state = jax.jit(lambda v: state_lib.init_state(p.model, tx_fn, config.seed, shape, config.warmup, v))(variables)
     wd.prepare(path.parent)
     build, lock = _start_build(path)
     try:
         cfg = json.loads(config.to_json())
         wd.write_json_atomic(build / "config.json", cfg)
         host = to_host(step_lib.replicate(state, p.mesh))
+        digest = state_lib.state_digest(host)  # once: hashing ResNet-50's weights takes ~0.2 s
         ckpt = Checkpointer(build, keep=config.keep_checkpoints)
         ckpt.save(0, step_lib.replicate(state, p.mesh),
-                  {"config": cfg, "step": 0, "state_digest": state_lib.state_digest(host), "devices": int(p.mesh.size),
+                  {"config": cfg, "step": 0, "state_digest": digest, "devices": int(p.mesh.size),
                    "processes": 1, "num_classes": int(p.model.num_classes),
                    "imported_from": Path(source).name, "layout": layout,
                    "preprocessing": {"source": prep_source, **({"timm": timm} if timm is not None else {})}},
@@ -194,7 +195,7 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     finally:
         lock.release()
     return {"workdir": str(path), "model": config.model, "layout": layout, "tensors": len(state_dict),
-            "state_digest": state_lib.state_digest(host), "preprocessing": prep_source}
+            "state_digest": digest, "preprocessing": prep_source}
 
 
 BUILDING = ".importing-"  # DIR.importing-<pid>: an import's run while it is being written
@@ -308,7 +309,7 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
     """Top-``top`` classes (index, name, probability) of each image file, with the run's preprocessing."""
     config, run, state = evaluate.restore(workdir, locate_data=False, purpose="predict with")
     names = class_names(config, int(run.model.num_classes))
-    variables = to_host({"params": state.params, "batch_stats": state.batch_stats})
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     if tasks.is_cifar(config):
         size = 32
         cfg = None
@@ -317,6 +318,8 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         size = cfg.size
     mean = _mean(config, size)
     std = np.asarray(config.std, np.float32) if config.get("std") else None
+    # one compiled program (kept in the compilation cache), not one per operation of an eager forward pass
+    forward = jax.jit(lambda v, x: jax.nn.softmax(run.model.apply(v, x, train=False)))
     out = []
     for f in images:
         data = Path(f).read_bytes()
@@ -334,7 +337,7 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         x = crop[None].astype(np.float32) / 255 - mean
         if std is not None:
             x = x / std
-        probs = np.asarray(jax.nn.softmax(run.model.apply(variables, x, train=False)[0]))
+        probs = np.asarray(forward(variables, x))[0]
         best = np.argsort(-probs, kind="stable")[:top]
         out.append({"image": str(f), "top": [{"class": int(i), "name": names[i] if names else None,
                                                "probability": float(probs[i])} for i in best]})
