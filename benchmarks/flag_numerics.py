@@ -69,7 +69,6 @@ def _worst(actual: dict, desired: dict) -> tuple[float, bool]:
 
 
 def _env(value: str, devices: int) -> dict:
-    import test_speed_numerics as t  # noqa: PLC0415, F401  (fails early if the tests cannot be imported)
     from resflax import xla  # noqa: PLC0415
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}

@@ -8,6 +8,11 @@ noisy machine only such side-by-side ratios mean anything.
     python benchmarks/step_time.py --model resnet20 --batch 128 --torch --json
     python benchmarks/step_time.py --model resnet110 --batch 128 --mode eval --json
     python benchmarks/step_time.py --model resnet20 --batch 128 --devices 2 --json   # 2 CPU devices
+    python benchmarks/step_time.py --model resnet20 --torch-python .venv/bin/python --json
+
+``--torch-python PY`` runs the PyTorch reference in a child process of that interpreter instead (for a JAX
+environment without torch, e.g. a newer Python): the same interleaving, each of its steps timed in the child
+(``torch_reference.py --serve``), so the pipe between the two costs nothing measured.
 
 Options that must act before JAX starts (``--devices`` on CPU) are applied to ``XLA_FLAGS`` by appending;
 flags a user already set are never replaced.
@@ -41,6 +46,8 @@ def _parse(argv):
         help="ResNet.scan_min_blocks (stages with at least this many blocks run as a lax.scan); 'none': unrolled",
     )
     p.add_argument("--torch", action="store_true", help="also time the PyTorch reference, interleaved")
+    p.add_argument("--torch-python", default=None,
+                   help="also time the PyTorch reference, interleaved, in a child process of this Python")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
@@ -133,43 +140,90 @@ def build(args):
     return step, compile_s, meta
 
 
+def _torch_child(args):
+    """The PyTorch reference in a child process of ``args.torch_python`` (``torch_reference.py --serve``):
+    (steps(n) -> the n steps' seconds, {"torch_version", "threads", "python"}, close)."""
+    import subprocess  # noqa: PLC0415
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [args.torch_python, os.path.join(here, "torch_reference.py"), "--serve", "--model", args.model,
+           "--batch", str(args.batch)]
+    if args.torch_threads:
+        cmd += ["--threads", str(args.torch_threads)]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def reply() -> dict:
+        line = child.stdout.readline()
+        if not line:
+            raise SystemExit(f"the PyTorch reference ({' '.join(cmd)}) stopped (exit {child.wait()})")
+        return json.loads(line)
+
+    info = reply()
+
+    def steps(n=1):
+        child.stdin.write(f"{n}\n")
+        child.stdin.flush()
+        return reply()["times"]
+
+    def close():
+        child.stdin.close()
+        child.wait(timeout=60)
+
+    return steps, info, close
+
+
 def run(args) -> dict:
     _setup_env(args)
     import jax  # noqa: PLC0415
     import jaxlib  # noqa: PLC0415
 
     step, compile_s, meta = build(args)
-    torch_step = None
-    if args.torch:
+    torch_step, torch_info, close = None, {}, None
+    if args.torch or args.torch_python:
         if args.mode != "train":
             raise SystemExit("--torch compares training steps only (use --mode train)")
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import torch  # noqa: PLC0415
-        from torch_reference import make_torch_step  # noqa: PLC0415
+        if args.torch_python:
+            torch_step, torch_info, close = _torch_child(args)
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import torch  # noqa: PLC0415
+            from torch_reference import make_torch_step  # noqa: PLC0415
 
-        torch_step = make_torch_step(args.model, args.batch, args.torch_threads)
-    for _ in range(args.warmup):
-        step()
-        if torch_step:
-            torch_step()
-    jt, tt = [], []
-    if torch_step is None:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
+            one = make_torch_step(args.model, args.batch, args.torch_threads)
+            torch_info = {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
+                          "python": platform.python_version()}
+
+            def torch_step(n=1):
+                times = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    one()
+                    times.append(time.perf_counter() - t0)
+                return times
+
+    try:
+        for _ in range(args.warmup):
             step()
-            jt.append(time.perf_counter() - t0)
-    else:
-        rounds = args.rounds or args.steps
-        per = max(1, args.steps // rounds)
-        for _ in range(rounds):
-            for _ in range(per):
+            if torch_step:
+                torch_step(1)
+        jt, tt = [], []
+        if torch_step is None:
+            for _ in range(args.steps):
                 t0 = time.perf_counter()
                 step()
                 jt.append(time.perf_counter() - t0)
-            for _ in range(per):
-                t0 = time.perf_counter()
-                torch_step()
-                tt.append(time.perf_counter() - t0)
+        else:
+            rounds = args.rounds or args.steps
+            per = max(1, args.steps // rounds)
+            for _ in range(rounds):
+                for _ in range(per):
+                    t0 = time.perf_counter()
+                    step()
+                    jt.append(time.perf_counter() - t0)
+                tt += torch_step(per)
+    finally:
+        if close:
+            close()
     step_s = statistics.median(jt)
     out = {
         "model": args.model,
@@ -183,6 +237,7 @@ def run(args) -> dict:
         "steps": len(jt),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
+        "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "loadavg_1m": round(os.getloadavg()[0], 2),  # > cpus means other processes competed for the cores
@@ -192,8 +247,10 @@ def run(args) -> dict:
         out.update(
             torch_step_s=torch_s,
             torch_images_per_s=args.batch / torch_s,
-            torch_version=torch.__version__,
-            torch_threads=torch.get_num_threads(),
+            torch_version=torch_info["torch_version"],
+            torch_threads=torch_info["threads"],
+            torch_python=torch_info["python"],
+            torch_process="child" if args.torch_python else "same",
             ratio=torch_s / step_s,
         )
     return out
