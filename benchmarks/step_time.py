@@ -8,6 +8,17 @@ noisy machine only such side-by-side ratios mean anything.
     python benchmarks/step_time.py --model resnet20 --batch 128 --torch --json
     python benchmarks/step_time.py --model resnet110 --batch 128 --mode eval --json
     python benchmarks/step_time.py --model resnet20 --batch 128 --devices 2 --json   # 2 CPU devices
+    python benchmarks/step_time.py --model resnet20 --torch-python .venv/bin/python --json
+
+``--torch-python PY`` runs the PyTorch reference in a child process of that interpreter instead (for a JAX
+environment without torch, e.g. a newer Python): the same interleaving, each of its steps timed in the child
+(``torch_reference.py --serve``), so the pipe between the two costs nothing measured.
+
+``--vs-xla-flags FLAGS`` also runs the same step in a child process of this Python whose ``XLA_FLAGS`` are
+exactly FLAGS (XLA reads its flags once per process), interleaved round by round with this one (and with
+PyTorch): ``vs_speedup`` = this process's step time / the child's, a same-run A/B of an XLA flag.
+
+    python benchmarks/step_time.py --model resnet56 --vs-xla-flags=--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce
 
 Options that must act before JAX starts (``--devices`` on CPU) are applied to ``XLA_FLAGS`` by appending;
 flags a user already set are never replaced.
@@ -41,7 +52,12 @@ def _parse(argv):
         help="ResNet.scan_min_blocks (stages with at least this many blocks run as a lax.scan); 'none': unrolled",
     )
     p.add_argument("--torch", action="store_true", help="also time the PyTorch reference, interleaved")
+    p.add_argument("--torch-python", default=None,
+                   help="also time the PyTorch reference, interleaved, in a child process of this Python")
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--vs-xla-flags", default=None, metavar="FLAGS",
+                   help="also time the same step, interleaved, in a child process whose XLA_FLAGS are FLAGS")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child of --vs-xla-flags
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
 
@@ -133,43 +149,135 @@ def build(args):
     return step, compile_s, meta
 
 
+def _child(cmd: list[str], env: dict | None = None):
+    """A process that steps on request (``--serve``: an info JSON line, then for each line ``N`` read, N
+    steps and ``{"times": [...]}``): (steps(n) -> the n steps' seconds, info, close)."""
+    import subprocess  # noqa: PLC0415
+
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def reply() -> dict:
+        line = child.stdout.readline()
+        if not line:
+            raise SystemExit(f"the child process ({' '.join(cmd)}) stopped (exit {child.wait()})")
+        return json.loads(line)
+
+    info = reply()
+
+    def steps(n=1):
+        child.stdin.write(f"{n}\n")
+        child.stdin.flush()
+        return reply()["times"]
+
+    def close():
+        child.stdin.close()
+        child.wait(timeout=60)
+
+    return steps, info, close
+
+
+def _torch_child(args):
+    """The PyTorch reference in a child process of ``args.torch_python`` (``torch_reference.py --serve``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [args.torch_python, os.path.join(here, "torch_reference.py"), "--serve", "--model", args.model,
+           "--batch", str(args.batch)]
+    if args.torch_threads:
+        cmd += ["--threads", str(args.torch_threads)]
+    return _child(cmd)
+
+
+def _jax_child(args):
+    """The same step in a child process of this Python with ``XLA_FLAGS=args.vs_xla_flags``."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--model", args.model, "--batch", str(args.batch),
+           "--dtype", args.dtype, "--mode", args.mode]
+    if args.devices:
+        cmd += ["--devices", str(args.devices)]
+    if args.impl:
+        cmd += ["--impl", args.impl]
+    if args.no_barriers:
+        cmd += ["--no-barriers"]
+    if args.scan_min_blocks is not None:
+        cmd += ["--scan-min-blocks", args.scan_min_blocks]
+    return _child(cmd, dict(os.environ, XLA_FLAGS=args.vs_xla_flags))
+
+
+def serve(args) -> None:
+    """``--serve``: builds and compiles the step, prints ``{"compile_s", "xla_flags", "jaxlib"}``, then for each
+    line ``N`` read from stdin runs N steps and prints ``{"times": [...]}``; stops at end of input."""
+    _setup_env(args)
+    import jaxlib  # noqa: PLC0415
+
+    step, compile_s, _ = build(args)
+    print(json.dumps({"compile_s": round(compile_s, 3), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                      "jaxlib": jaxlib.__version__}), flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        print(json.dumps({"times": times}), flush=True)
+
+
 def run(args) -> dict:
     _setup_env(args)
     import jax  # noqa: PLC0415
     import jaxlib  # noqa: PLC0415
 
     step, compile_s, meta = build(args)
-    torch_step = None
-    if args.torch:
+    torch_step, torch_info, close = None, {}, None
+    if args.torch or args.torch_python:
         if args.mode != "train":
             raise SystemExit("--torch compares training steps only (use --mode train)")
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import torch  # noqa: PLC0415
-        from torch_reference import make_torch_step  # noqa: PLC0415
+        if args.torch_python:
+            torch_step, torch_info, close = _torch_child(args)
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import torch  # noqa: PLC0415
+            from torch_reference import make_torch_step  # noqa: PLC0415
 
-        torch_step = make_torch_step(args.model, args.batch, args.torch_threads)
-    for _ in range(args.warmup):
-        step()
-        if torch_step:
-            torch_step()
-    jt, tt = [], []
-    if torch_step is None:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
+            one = make_torch_step(args.model, args.batch, args.torch_threads)
+            torch_info = {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
+                          "python": platform.python_version()}
+
+            def torch_step(n=1):
+                times = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    one()
+                    times.append(time.perf_counter() - t0)
+                return times
+
+    vs_step, vs_info, vs_close = (None, {}, None) if args.vs_xla_flags is None else _jax_child(args)
+    try:
+        for _ in range(args.warmup):
             step()
-            jt.append(time.perf_counter() - t0)
-    else:
-        rounds = args.rounds or args.steps
-        per = max(1, args.steps // rounds)
-        for _ in range(rounds):
-            for _ in range(per):
+            if vs_step:
+                vs_step(1)
+            if torch_step:
+                torch_step(1)
+        jt, tt, vt = [], [], []
+        if torch_step is None and vs_step is None:
+            for _ in range(args.steps):
                 t0 = time.perf_counter()
                 step()
                 jt.append(time.perf_counter() - t0)
-            for _ in range(per):
-                t0 = time.perf_counter()
-                torch_step()
-                tt.append(time.perf_counter() - t0)
+        else:
+            rounds = args.rounds or args.steps
+            per = max(1, args.steps // rounds)
+            for _ in range(rounds):
+                for _ in range(per):
+                    t0 = time.perf_counter()
+                    step()
+                    jt.append(time.perf_counter() - t0)
+                if vs_step:
+                    vt += vs_step(per)
+                if torch_step:
+                    tt += torch_step(per)
+    finally:
+        for c in (close, vs_close):
+            if c:
+                c()
     step_s = statistics.median(jt)
     out = {
         "model": args.model,
@@ -183,24 +291,41 @@ def run(args) -> dict:
         "steps": len(jt),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
+        "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "loadavg_1m": round(os.getloadavg()[0], 2),  # > cpus means other processes competed for the cores
     }
+    if vs_step is not None:
+        vs_s = statistics.median(vt)
+        out.update(
+            vs_xla_flags=vs_info["xla_flags"],
+            vs_compile_s=vs_info["compile_s"],
+            vs_step_s=vs_s,
+            vs_images_per_s=args.batch / vs_s,
+            vs_speedup=step_s / vs_s,
+        )
     if torch_step is not None:
         torch_s = statistics.median(tt)
         out.update(
             torch_step_s=torch_s,
             torch_images_per_s=args.batch / torch_s,
-            torch_version=torch.__version__,
-            torch_threads=torch.get_num_threads(),
+            torch_version=torch_info["torch_version"],
+            torch_threads=torch_info["threads"],
+            torch_python=torch_info["python"],
+            torch_process="child" if args.torch_python else "same",
             ratio=torch_s / step_s,
         )
+        if vs_step is not None:
+            out["vs_ratio"] = torch_s / out["vs_step_s"]
     return out
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.serve:
+        serve(args)
+        return 0
     out = run(args)
     if args.json:
         print(json.dumps(out))

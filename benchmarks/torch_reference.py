@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/torch_reference.py --check
     python benchmarks/torch_reference.py --model resnet20 --batch 128 --steps 10 --warmup 3 --json
+    python benchmarks/torch_reference.py --model resnet20 --batch 128 --serve   # steps on request (stdin)
 
 ``make_torch_step(model_name, batch, threads)`` returns a zero-argument callable
 performing one full SGD training step on a fixed synthetic batch; it is the hook
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import re
 import statistics
 import sys
@@ -328,6 +330,23 @@ def check_param_counts(verbose: bool = True) -> bool:
     return ok
 
 
+def serve(model_name: str, batch: int, threads: int | None, stdin=None, stdout=None) -> None:
+    """Steps on request, for a benchmark in another process (another Python, say one without torch): prints
+    one JSON line ``{"torch_version", "threads", "python"}`` once the step is built, then for every line ``N`` read
+    from stdin runs N steps and prints ``{"times": [seconds of each step]}``; stops at end of input."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    step = make_torch_step(model_name, batch, threads)
+    print(json.dumps({"torch_version": torch.__version__, "threads": torch.get_num_threads(),
+                      "python": platform.python_version()}), file=stdout, flush=True)
+    for line in stdin:
+        times = []
+        for _ in range(int(line)):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        print(json.dumps({"times": times}), file=stdout, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20")
@@ -337,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--check", action="store_true", help="print and assert parameter counts, then exit")
+    p.add_argument("--serve", action="store_true", help="run steps on request from stdin (see serve())")
     args = p.parse_args(argv)
+
+    if args.serve:
+        serve(args.model, args.batch, args.threads)
+        return 0
 
     if args.check:
         ok = check_param_counts()

@@ -307,6 +307,17 @@ def test_default_xla_flags_respect_user_and_version():
     assert xla.default_flags() == xla.default_flags(cpu=xla.cpu_features())
 
 
+def test_initializer_gate_is_the_jaxlib_version_only():
+    """The -O1 eager draws (resflax.models.initializers) depend on the jaxlib version, not on whether this CPU
+    gets the YNN flag: on an AVX512-FP16 CPU with jaxlib 0.10.2 they are on."""
+    import jaxlib
+
+    from resflax import xla
+    from resflax.models import initializers
+
+    assert initializers._tested_jaxlib() == (jaxlib.__version__ in xla.TESTED_JAXLIB)
+
+
 def test_default_xla_flag_follows_the_cpu():
     """Without RESFLAX_XLA_DEFAULTS=force, a fresh process adds the flag exactly where default_flags says for
     this machine's CPU."""
