@@ -263,6 +263,6 @@ def test_train_step_with_bn_groups_of_32_same_on_1_2_8_devices_and_direct(ghost_
         assert float(saved[f"step/{impl}/metrics/['loss']"]) == pytest.approx(loss, rel=1e-5), what
         assert_trees_close(saved.tree(f"step/{impl}/batch_stats1"), stats, what=what + "batch_stats")
         assert_trees_close(saved.tree(f"step/{impl}/params1"), params, what=what + "params")
-    for size, other in others.items():
+    for other in others.values():
         with pytest.raises(AssertionError):
             assert_trees_close(first.tree(f"step/{impl}/batch_stats1"), jax.tree_util.tree_map(mean, *other))

@@ -182,7 +182,8 @@ class ResNet(nn.Module):
         parameter shape (option A) in one vmapped program. Needs ``residual=True``. Multiplying by 1 or 0
         and adding is exact, so a member computes what the static ``residual=True``/``False`` network does.
       impl: ``"fast"`` (default): ``fastops.Conv``/``fastops.BatchNorm`` with hand-written gradients;
-        ``"flax"``: ``nn.Conv``/``nn.BatchNorm`` (``fastops.FlaxBatchNorm``: with groups). Same parameters, same numerics up to float rounding.
+        ``"flax"``: ``nn.Conv``/``nn.BatchNorm`` (``fastops.FlaxBatchNorm``, for groups).
+        Same parameters, same numerics up to float rounding.
       barriers: optimisation barrier after every block, so the backward pass reads stored activations
         instead of recomputing BN/add/ReLU chains (numerically a no-op). Off by default: XLA:CPU removes
         optimisation barriers before fusion, so they do nothing there (see docs/performance.md).
