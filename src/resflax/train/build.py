@@ -58,7 +58,8 @@ def model_from_config(config, num_classes: int | None = None) -> Any:
     """``config.model`` with the run's settings (``pad_layout``, ``stride_on_3x3``, ``zero_init_last_bn``,
     ``dtype``, the BatchNorm groups (``bn_groups``), and ``shortcut``, ``impl``, ``scan_min_blocks`` where
     set; a VGG ignores those of the ResNet family) and ``num_classes`` (None: the model's own). Builds the
-    module only: no parameters. ``BadInput`` for a setting that cannot be used (an unknown model, a bad dtype or field value)."""
+    module only: no parameters. ``BadInput`` for a setting that cannot be used (an unknown model, a bad dtype
+    or field value)."""
     try:
         overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
                          zero_init_last_bn=config.zero_init_last_bn, dtype=compute_dtype(config))
