@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,7 @@ import numpy as np
 from resflax.errors import BadInput
 from resflax.train import evaluate, loop, tasks, transfer
 from resflax.train import state as state_lib
-from resflax.train import step as step_lib
 from resflax.train import workdir as wd
-from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
 
 
@@ -48,8 +45,7 @@ def recompute(workdir: str | Path, out: str | Path, batches: int, data_dir: str 
         raise BadInput(f"--batches must be positive, got {batches}")
     if wd.population_members(workdir) is not None:
         raise BadInput(f"{workdir} is a population: give one member's directory ({workdir}/members/NAME)")
-    path = Path(out).expanduser().absolute()
-    transfer._refuse_existing(path)  # before anything is read, locked or written
+    path = transfer.new_run_dir(out)  # refused before anything is read, locked or written
     config = evaluate.load_config(workdir)
     if data_dir:
         config.data_dir = data_dir
@@ -73,25 +69,9 @@ def recompute(workdir: str | Path, out: str | Path, batches: int, data_dir: str 
     finally:
         task.close()
     mean = jax.tree_util.tree_map(lambda a: (a / batches).astype(np.float32), total)
-    new = host0.replace(batch_stats=mean)
     record = {"from": str(Path(workdir).absolute()), "step": step, "batches": batches,
               "images": batches * config.batch_size, "augmentation": "training",
               "bn_group_size": config.get("bn_group_size") or 0}
-    wd.prepare(path.parent)
-    build, lock = transfer._start_build(path)
-    try:
-        cfg = json.loads(config.to_json())
-        wd.write_json_atomic(build / "config.json", cfg)
-        digest = state_lib.state_digest(new)
-        meta = {k: v for k, v in meta.items() if k != "tree_digest"}
-        meta.update(config=cfg, state_digest=digest, bn_stats=record)
-        ckpt = Checkpointer(build, keep=config.keep_checkpoints)
-        ckpt.save(step, step_lib.replicate(new, p.mesh), meta, host_state=new)
-        ckpt.close()  # waits until the asynchronous save is complete (or raises CheckpointError)
-        transfer._publish(build, path)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    finally:
-        lock.release()
+    meta = {k: v for k, v in meta.items() if k not in ("tree_digest", "config", "state_digest")}
+    digest = transfer.write_run(path, config, host0.replace(batch_stats=mean), {**meta, "bn_stats": record}, p.mesh)
     return {"workdir": str(path), "model": config.model, "state_digest": digest, **record}
