@@ -28,12 +28,12 @@ checkpoint, so a resumed run continues identically.
 **BatchNorm in groups of 32** (``bn_group_size=32``). The paper trained with 256 images per iteration (Sec.
 3.4) spread over 8 GPUs, each GPU's BatchNorm normalising its own 32 images (Goyal et al. 2017, "Accurate,
 Large Minibatch SGD", He among the authors, describe this ResNet-50 baseline: 8 workers of n = 32, BN
-statistics per worker); BN over all 256 images is a different, less noisy regulariser. So each group of 32 consecutive images of the batch
-is normalised by its own statistics, on any number of devices: on one device the 256 images form 8 groups, on 8
-devices each device's slice is a group, on 16 devices a group spans two. The running averages follow the mean
-of the groups' statistics. After training, ``resflax bn-stats`` replaces them by an average over many
-training batches, the way the released Caffe models' statistics were made. ``bn_group_size=0`` gives
-per-device statistics, ``bn_sync=True`` the whole batch.
+statistics per worker); BN over all 256 images is a different, less noisy regulariser. So each group of 32
+consecutive images of the batch is normalised by its own statistics, on any number of devices: on one device
+the 256 images form 8 groups, on 8 devices each device's slice is a group, on 16 devices a group spans two.
+The running averages follow the mean of the groups' statistics. After training, ``resflax bn-stats`` replaces
+them by an average over many training batches, the way the released Caffe models' statistics were made.
+``bn_group_size=0`` gives per-device statistics, ``bn_sync=True`` the whole batch.
 
 Large batches (pods): ``lr_scaling="linear"`` makes the lr ``base_lr * batch_size / 256`` and
 ``lr_warmup_steps`` ramps it linearly from ~0 over that many steps (Goyal et al. 2017: 5 epochs).
