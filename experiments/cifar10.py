@@ -9,8 +9,9 @@ The paper's test errors (Table 6): ResNet-20 8.75, -32 7.51, -44 7.17, -56 6.97,
 Recipe: batch 128, SGD momentum 0.9, weight decay 1e-4 (on every parameter, as Caffe/torch reproductions),
 lr 0.1 divided by 10 at 32k and 48k iterations, stop at 64k; per-pixel mean subtraction, 4-pixel zero
 padding + random 32x32 crop + horizontal flip; ResNet-110/1202 start at lr 0.01 until the (smoothed)
-training error is below 80%, then go back to 0.1. BN statistics per device (the paper's two GPUs) unless
-``bn_sync``.
+training error is below 80%, then go back to 0.1. BN statistics per device (the paper's two GPUs: 64 images
+each) unless ``bn_sync`` (the whole batch) or ``bn_group_size`` (groups of that many images on any device count;
+``bn_group_size=64`` is the paper's two GPUs on any device count).
 
 The argument after ``:`` is the model, optionally followed by typed settings named like the config keys
 they set: ``experiments/cifar10.py:resnet56,seed=3,val_examples=5000,schedule_scale=0.1``

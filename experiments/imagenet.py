@@ -26,6 +26,16 @@ authors); a plateau of the validation error is in practice reached after
 epoch by default), at most ``plateau_max_drops`` times; the drops are recorded in metrics.jsonl and in every
 checkpoint, so a resumed run continues identically.
 
+**BatchNorm in groups of 32** (``bn_group_size=32``). The paper trained with 256 images per iteration (Sec.
+3.4) spread over 8 GPUs, each GPU's BatchNorm normalising its own 32 images (Goyal et al. 2017, "Accurate,
+Large Minibatch SGD", He among the authors, describe this ResNet-50 baseline: 8 workers of n = 32, BN
+statistics per worker); BN over all 256 images is a different, less noisy regulariser. So each group of 32
+consecutive images of the batch is normalised by its own statistics, on any number of devices: on one device
+the 256 images form 8 groups, on 8 devices each device's slice is a group, on 16 devices a group spans two.
+The running averages follow the mean of the groups' statistics. After training, ``resflax bn-stats`` replaces
+them by an average over many training batches, the way the released Caffe models' statistics were made.
+``bn_group_size=0`` gives per-device statistics, ``bn_sync=True`` the whole batch.
+
 Large batches (pods): ``lr_scaling="linear"`` makes the lr ``base_lr * batch_size / 256`` and
 ``lr_warmup_steps`` ramps it linearly from ~0 over that many steps (Goyal et al. 2017: 5 epochs).
 
@@ -55,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = configs.build(
         "imagenet", model=model, shortcut=a.shortcut or ("A" if model in TABLE2 else "B"), dataset="imagenet2012",
         seed=a.seed, val_examples=a.val_examples, schedule_scale=a.schedule_scale,
-        batch_size=256, eval_batch_size=250, num_steps=600_000,
+        batch_size=256, eval_batch_size=250, num_steps=600_000, bn_group_size=32,  # the paper's 8 GPUs' BN
         lr_boundaries=(150_000, 300_000, 450_000),  # the fixed schedule: epochs 30, 60, 90 of 120
         checkpoint_every_steps=5000, log_every_steps=100)
     if model.startswith("vgg"):  # VGG's own paper's settings
@@ -63,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if tiny:  # a CPU-sized run on `resflax make-tiny-imagenet`'s dataset
         c.update(dataset="resflax_tiny_jpeg", scale_range=(128, 240), image_size=112, eval_resize=128,
                  multiscale_scales=(112, 128, 192, 240, 320), loader_workers=0, batch_size=16, eval_batch_size=16,
+                 bn_group_size=8,  # two BN groups per batch, as the full recipe's 8 groups of 32
                  num_steps=30, lr_boundaries=(15, 25), checkpoint_every_steps=10, eval_every_steps=10,
                  log_every_steps=5)
     return c

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("models, data", ["resflax.models", "resflax.models.*", "resflax.data", "resflax.data.*"]),
     ("train", ["resflax.train", "resflax.train.*"]),  # step, state, schedules, tasks, loop, checkpoint, workdir, ...
     ("evaluation, weights", ["resflax.train.evaluate", "resflax.train.protocols", "resflax.train.transfer",
-                             "resflax.weights"]),
+                             "resflax.weights", "resflax.train.bnstats"]),
     ("analysis", ["resflax.analysis", "resflax.analysis.*"]),
     # the command line: cli.py parses and dispatches; each area's commands.py holds its commands' bodies
     ("commands", ["resflax.cli", "resflax.analysis.commands", "resflax.data.commands", "resflax.train.commands"]),

@@ -1,6 +1,7 @@
 """Data parallelism: 1 device vs 8 fake CPU devices give the same losses for the same global batch; per-device
 BatchNorm normalises each device's slice by its own statistics and the step averages the running statistics."""
 
+import functools
 import json
 import os
 import re
@@ -163,3 +164,105 @@ def test_train_step_per_device_bn_averages_per_slice_updates(bn_saved):
     gap = max(np.abs(g - s).max() / np.abs(s).max()
               for g, s in zip(jax.tree_util.tree_leaves(global_stats), jax.tree_util.tree_leaves(stats)))
     assert gap > 1e-3  # 100x the tolerance (observed 2.5e-3)
+
+
+# ---- BatchNorm in groups (ghost batch) on 1, 2 and 8 devices (tests/devices_run.py ghost_check) ---------------
+
+GHOST, GHOST_BATCH = 32, 64  # devices_run.GHOST, GHOST_BATCH: one device holds 2 groups, 2 devices 1 each, and
+GHOST_DEVICES = (1, 2, 8)  # on 8 devices (8 images each) a group spans 4 of them
+
+
+@pytest.fixture(scope="module")
+def ghost_saved(tmp_path_factory):
+    out = {}
+    for ndev in GHOST_DEVICES:
+        path = tmp_path_factory.mktemp(f"ghost{ndev}") / "ghost.npz"
+        assert run(ndev, "ghost", str(path))["devices"] == ndev
+        out[ndev] = Saved(path)
+    return out
+
+
+def _bn_groups_numpy(x, params, stats, group, unbiased=False):
+    """Train-mode BN by hand, float64: each run of ``group`` consecutive images normalised by its own biased mean
+    and variance; the running statistics move towards the mean over the groups of their statistics (the
+    variance times n / (n - 1), n the elements per channel of a group, with ``unbiased``)."""
+    groups = np.split(x.astype(np.float64), len(x) // group)
+    axes = (0, 1, 2)
+    means, variances = [g.mean(axes) for g in groups], [g.var(axes) for g in groups]
+    y = np.concatenate([(g - m) / np.sqrt(v + EPS) * params["scale"] + params["bias"]
+                        for g, m, v in zip(groups, means, variances)])
+    n = groups[0].size // x.shape[-1]
+    correction = n / (n - 1) if unbiased else 1.0
+    new = {"mean": MOMENTUM * stats["mean"] + (1 - MOMENTUM) * np.mean(means, 0),
+           "var": MOMENTUM * stats["var"] + (1 - MOMENTUM) * np.mean(variances, 0) * correction}
+    return y, new
+
+
+@pytest.mark.parametrize("layer", ["fast", "fast_unbiased", "flax"])
+def test_batchnorm_groups_of_32_match_numpy_on_1_2_8_devices(ghost_saved, layer):
+    """One BN layer with group size 32 on a batch of 64 whose two groups have very different statistics: on 1
+    device (two groups in one slice), 2 (a group per device) and 8 (a group spans 4 devices) the output is each
+    group normalised by its own statistics and the running statistics are the mean of the groups' updates."""
+    for ndev, saved in ghost_saved.items():
+        x, params, stats = saved["layer/x"], saved.tree("layer/params"), saved.tree("layer/stats")
+        y_exp, stats_exp = _bn_groups_numpy(x, params, stats, GHOST, unbiased=layer == "fast_unbiased")
+        y = saved[f"layer/{layer}/y"]
+        assert y.shape == x.shape == (GHOST_BATCH, 2, 2, 3)
+        np.testing.assert_allclose(y, y_exp, rtol=1e-5, atol=1e-5 * np.abs(y_exp).max(), err_msg=f"{ndev} devices")
+        assert_trees_close(saved.tree(f"layer/{layer}/stats"),
+                           jax.tree_util.tree_map(lambda v: v.astype(np.float32), stats_exp), what=f"{ndev} devices")
+    # the whole batch's statistics are not these (so the comparison can tell)
+    y_one, _ = _bn_groups_numpy(x, params, stats, GHOST_BATCH)
+    assert np.abs(y_one - y_exp).max() > 0.5
+
+
+def _direct64(params, batch_stats, x, y):
+    """Loss, updated running statistics and gradients of ResNet-8 applied to ``(x, y)`` alone, in float64
+    (``nn.Conv``/``nn.BatchNorm``, one BN group: the batch)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from resflax.models import get_model  # noqa: PLC0415
+
+    model = get_model("resnet8", impl="flax", dtype=jnp.float64, param_dtype=jnp.float64)
+    f64 = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(a, jnp.float64))
+    return jax.device_get(jax.jit(_per_slice, static_argnums=0)(model, f64(params), f64(batch_stats), f64(x), y))
+
+
+@pytest.mark.parametrize("impl", ["fast", "flax"])
+def test_train_step_with_bn_groups_of_32_same_on_1_2_8_devices_and_direct(ghost_saved, impl):
+    """One real train step of ResNet-8 (batch 64, BN groups of 32) on 1, 2 and 8 devices: the same loss,
+    running statistics and parameters (one SGD step from the gradients; the BN biases start at 0, so after the
+    step they are -lr times their gradients), equal to a direct computation in float64 on one device without
+    groups or devices: the model applied to each group of 32 alone, the loss, gradients and updated running
+    statistics averaged over the two groups. (A float32 direct computation is itself off by up to 9e-5 of a
+    leaf's scale in the first BN biases' gradients, the step by 1e-6: hence float64.)"""
+    first = ghost_saved[GHOST_DEVICES[0]]
+    p0, bs0 = first.tree(f"step/{impl}/params0"), first.tree(f"step/{impl}/batch_stats0")
+    x, y = first["step/x"], first["step/y"]
+    assert x.shape == (GHOST_BATCH, 32, 32, 3)
+    with jax.enable_x64(True):
+        parts = [_direct64(p0, bs0, xs, ys) for xs, ys in zip(np.split(x, 2), np.split(y, 2))]
+        # statistics over the whole batch, or over 8 images (per device on 8 devices), are not these
+        others = {size: [_direct64(p0, bs0, xs, ys)[1] for xs, ys in zip(np.split(x, GHOST_BATCH // size),
+                                                                        np.split(y, GHOST_BATCH // size))]
+                  for size in (GHOST_BATCH, 8)}
+
+    def mean(*leaves):
+        return np.mean([np.asarray(v, np.float64) for v in leaves], 0).astype(np.float32)
+
+    loss = float(np.mean([p[0] for p in parts]))
+    stats = jax.tree_util.tree_map(mean, *[p[1] for p in parts])
+    grads = jax.tree_util.tree_map(mean, *[p[2] for p in parts])
+    lr = 0.1
+    params = jax.tree_util.tree_map(lambda p, g: p - lr * (g + WEIGHT_DECAY * p), p0, grads)
+    for ndev, saved in ghost_saved.items():
+        what = f"{impl}, {ndev} devices: "
+        np.testing.assert_array_equal(saved["step/x"], x)  # every device count saw the same batch
+        assert_trees_close(saved.tree(f"step/{impl}/params0"), p0, rtol=0, atol=0, what=what + "params0")
+        assert float(saved[f"step/{impl}/metrics/['lr']"]) == pytest.approx(lr)
+        assert float(saved[f"step/{impl}/metrics/['loss']"]) == pytest.approx(loss, rel=1e-5), what
+        assert_trees_close(saved.tree(f"step/{impl}/batch_stats1"), stats, what=what + "batch_stats")
+        assert_trees_close(saved.tree(f"step/{impl}/params1"), params, what=what + "params")
+    for other in others.values():
+        with pytest.raises(AssertionError):
+            assert_trees_close(first.tree(f"step/{impl}/batch_stats1"), jax.tree_util.tree_map(mean, *other))

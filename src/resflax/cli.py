@@ -13,6 +13,7 @@
     resflax import SOURCE --model NAME --workdir DIR   PyTorch weights (.safetensors / .pth) as a new run
     resflax export --workdir DIR --out FILE.safetensors  a run's weights in torchvision's / akamaster's names
     resflax predict --workdir DIR IMAGE...       top-5 classes of your own images
+    resflax bn-stats --workdir DIR --out NEW [--batches N]   BN statistics averaged over N training batches
     resflax report RUN_DIR... --out DIR          Fig. 6 curves and the Table 6 markdown from runs
     resflax responses --workdir DIR [DIR...]     Fig. 7: std of each 3x3 layer's response (PNG + CSV)
 
@@ -41,7 +42,7 @@ USAGE = __doc__
 
 # Each command's area: the package whose commands.py holds the command's body (in the order `resflax` lists them).
 AREAS = {"summary": "analysis", "train": "train", "eval": "train", "prepare-data": "data",
-         "make-tiny-imagenet": "data", "import": "train", "export": "train", "predict": "train",
+         "make-tiny-imagenet": "data", "import": "train", "export": "train", "predict": "train", "bn-stats": "train",
          "report": "analysis", "responses": "analysis"}
 
 
@@ -117,7 +118,7 @@ def _workdir_of(argv: list[str]) -> Path | None:
 # commands write nothing where they read (eval, export, predict, report, responses): it goes to the user's cache.
 WRITES_WORKDIR = ("train", "import")
 # The commands that run JAX: they keep compiled programs in ~/.cache/resflax/xla (xla.compilation_cache).
-JAX_COMMANDS = ("train", "eval", "predict", "import", "export", "responses")
+JAX_COMMANDS = ("train", "eval", "predict", "import", "export", "responses", "bn-stats")
 
 
 def _error_log(cmd: str, argv: list[str]) -> Path:

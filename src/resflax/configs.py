@@ -188,8 +188,12 @@ KEYS: dict[str, Key] = {k.name: k for k in [
         only="cifar10", added="auto"),
 
     # ---- devices and processes
-    Key("bn_sync", False, "True: BN statistics over the global batch (identical for any device count); False: "
-        "per device (as the paper's GPUs)"),
+    Key("bn_group_size", 0, "BatchNorm statistics over groups of this many consecutive images of the global "
+        "batch (ghost batch), the same on any device count; 0: over each device's slice (batch_size / devices: "
+        "the paper's CIFAR-10 runs, 64 on each of two GPUs). ImageNet: 32 (the paper's 256 over 8 GPUs)", ge=0,
+        added=0),
+    Key("bn_sync", False, "True: BN statistics over the global batch, i.e. bn_group_size=batch_size (identical "
+        "for any device count); False: as bn_group_size says"),
     Key("num_devices", 0, "devices to use; 0 = all", ge=0),
     # one process per host: "auto" lets JAX detect TPU pods/SLURM; or give the coordinator explicitly (also
     # from RESFLAX_COORDINATOR, RESFLAX_NUM_PROCESSES, RESFLAX_PROCESS_ID). Checked by train.distributed,

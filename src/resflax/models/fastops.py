@@ -78,55 +78,100 @@ relu.defvjp(_relu_fwd, _relu_bwd)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _moments(x: Array, axis_name: str | None):
-    axes = tuple(range(x.ndim - 1))
-    xf = x.astype(jnp.float32)
+def bn_groups(local: int, group_size: int | None, axis_name: str | None) -> tuple[int, str | None, Any]:
+    """How a BatchNorm over ``local`` images per device forms groups of ``group_size`` images (ghost batch).
+
+    The groups are contiguous runs of ``group_size`` images of the global batch (device d holds images
+    ``d*local .. (d+1)*local - 1``). Returns ``(groups, axis_name, index_groups)``: ``groups`` groups lie
+    within each device's slice, each normalised alone; or one group spans several devices, whose statistics
+    are averaged over ``axis_name`` within ``index_groups`` (None: over the whole axis). ``group_size`` None
+    keeps the plain rule: the device's slice (``axis_name`` None) or the global batch (``axis_name`` set).
+    ``ValueError`` (one line) when the geometry cannot be honoured."""
+    if group_size is None or group_size == local:
+        return 1, (axis_name if group_size is None else None), None
+    if group_size < local:
+        if local % group_size:
+            raise ValueError(f"BatchNorm group size {group_size} does not divide the {local} images per device")
+        return local // group_size, None, None
+    if group_size % local:
+        raise ValueError(f"BatchNorm group size {group_size} is not a whole number of devices' slices of "
+                         f"{local} images (nor a divisor of one)")
+    if axis_name is None:
+        raise ValueError(f"BatchNorm group size {group_size} spans devices ({local} images each) but the "
+                         "BatchNorm has no axis_name to combine them over")
+    span, ndev = group_size // local, lax.axis_size(axis_name)
+    if ndev % span:
+        raise ValueError(f"BatchNorm group size {group_size} does not divide the global batch of "
+                         f"{ndev * local} images")
+    if span == ndev:
+        return 1, axis_name, None
+    return 1, axis_name, tuple(tuple(range(g * span, (g + 1) * span)) for g in range(ndev // span))
+
+
+def _split(x: Array, groups: int) -> tuple[Array, tuple[int, ...]]:
+    """``x`` as ``(groups, n / groups, ...)`` (unchanged for one group) and the axes reduced per group."""
+    if groups == 1:
+        return x, tuple(range(x.ndim - 1))
+    xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+    return xg, tuple(range(1, xg.ndim - 1))
+
+
+def _per_group(v: Array, groups: int, ndim: int) -> Array:
+    """Per-channel values of each group (``(C,)`` or ``(groups, C)``) broadcastable against ``_split``'s input."""
+    return v if groups == 1 else v.reshape(groups, *([1] * (ndim - 2)), v.shape[-1])
+
+
+def _moments(x: Array, axis_name: str | None, groups: int = 1, index_groups: Any = None):
+    xf, axes = _split(x.astype(jnp.float32), groups)
     mean = jnp.mean(xf, axes)
     mean_sq = jnp.mean(jnp.square(xf), axes)
     if axis_name is not None:
-        mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
+        mean, mean_sq = lax.pmean((mean, mean_sq), axis_name, axis_index_groups=index_groups)
     var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
     return mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bn_train(x, scale, bias, epsilon, axis_name):
-    y, mean, var, _ = _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _bn_train(x, scale, bias, epsilon, axis_name, groups=1, index_groups=None):
+    y, mean, var, _ = _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name, groups, index_groups)
     return y, mean, var
 
 
-def _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name):
-    mean, var = _moments(x, axis_name)
+def _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name, groups, index_groups):
+    mean, var = _moments(x, axis_name, groups, index_groups)
     inv = lax.rsqrt(var + epsilon)
     mul = (scale.astype(jnp.float32) * inv)
     add = bias.astype(jnp.float32) - mean * mul
-    y = (x.astype(jnp.float32) * mul + add).astype(x.dtype)
+    xf, _ = _split(x.astype(jnp.float32), groups)
+    nd = xf.ndim
+    y = (xf * _per_group(mul, groups, nd) + _per_group(add, groups, nd)).reshape(x.shape).astype(x.dtype)
     return y, mean, var, inv
 
 
-def _bn_train_fwd(x, scale, bias, epsilon, axis_name):
-    y, mean, var, inv = _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name)
+def _bn_train_fwd(x, scale, bias, epsilon, axis_name, groups, index_groups):
+    y, mean, var, inv = _bn_train_fwd_impl(x, scale, bias, epsilon, axis_name, groups, index_groups)
     return (y, mean, var), (x, scale, mean, var, inv)
 
 
-def _bn_train_bwd(epsilon, axis_name, res, cts):
+def _bn_train_bwd(epsilon, axis_name, groups, index_groups, res, cts):
     x, scale, mean, var, inv = res
     dy = cts[0]  # the batch statistics are outputs for the running averages only (not differentiated)
-    axes = tuple(range(x.ndim - 1))
-    dyf = dy.astype(jnp.float32)
-    xf = x.astype(jnp.float32)
+    dyf, axes = _split(dy.astype(jnp.float32), groups)
+    xf, _ = _split(x.astype(jnp.float32), groups)
     n = 1
     for a in axes:
-        n *= x.shape[a]
+        n *= xf.shape[a]
     s_dy = jnp.sum(dyf, axes)
     s_dyx = jnp.sum(dyf * xf, axes)
-    # local parameter gradients (the train step averages them over devices)
+    # local parameter gradients (the train step averages them over devices), summed over the groups
     dbias = s_dy
     dscale = inv * (s_dyx - mean * s_dy)  # sum(dy * xhat)
+    if groups > 1:
+        dbias, dscale = dbias.sum(0), dscale.sum(0)
     m_dy, m_dyx = s_dy / n, s_dyx / n
     if axis_name is not None:
-        # statistics over the global batch: the input gradient needs the global means
-        m_dy, m_dyx = lax.pmean((m_dy, m_dyx), axis_name)
+        # statistics over several devices: the input gradient needs the group's means
+        m_dy, m_dyx = lax.pmean((m_dy, m_dyx), axis_name, axis_index_groups=index_groups)
     m_dyxhat = inv * (m_dyx - mean * m_dy)
     # dx = g * (dy - mean(dy) - xhat * mean(dy * xhat)) with g = scale * inv, xhat = (x - mean) * inv, written
     # as (dy * scale - x * k1 + k0) * inv so that no full-size broadcast is shared with the forward pass (XLA
@@ -134,15 +179,17 @@ def _bn_train_bwd(epsilon, axis_name, res, cts):
     sc = scale.astype(jnp.float32)
     k1 = sc * inv * m_dyxhat
     k0 = k1 * mean - sc * m_dy
-    dx = ((dyf * sc - xf * k1 + k0) * inv).astype(x.dtype)
-    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+    nd = xf.ndim
+    dx = (dyf * sc - xf * _per_group(k1, groups, nd) + _per_group(k0, groups, nd)) * _per_group(inv, groups, nd)
+    return dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
 _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
 class BatchNorm(nn.Module):
-    """Drop-in for ``nn.BatchNorm`` over the last axis (same names, defaults and running-average rule)."""
+    """Drop-in for ``nn.BatchNorm`` over the last axis (same names, defaults and running-average rule), plus
+    ``group_size`` (ghost batch, see ``bn_groups``): the batch statistics of groups of that many images."""
 
     use_running_average: bool | None = None
     momentum: float = 0.99
@@ -156,6 +203,9 @@ class BatchNorm(nn.Module):
     # elements per channel normalised together), as PyTorch, Caffe and the BN paper's inference rule do;
     # False (default): the biased one, as ``nn.BatchNorm``. Training itself always normalises with the biased one.
     unbiased_running_var: bool = False
+    # None: statistics over the device's slice (axis_name None) or the global batch; N: over groups of N images
+    # (bn_groups). The running averages move towards the mean over the batch's groups of their statistics.
+    group_size: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
@@ -176,17 +226,56 @@ class BatchNorm(nn.Module):
             mean, var = _moments(x, None)
             y = x
         else:
-            y, mean, var = _bn_train(x, scale, bias, self.epsilon, self.axis_name)
+            groups, axis_name, index_groups = bn_groups(x.shape[0], self.group_size, self.axis_name)
+            y, mean, var = _bn_train(x, scale, bias, self.epsilon, axis_name, groups, index_groups)
             mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
         if not self.is_initializing():
             if self.unbiased_running_var:
-                n = x.size // features
-                if self.axis_name is not None:
-                    n *= lax.psum(1, self.axis_name)
+                n = x.size // features // groups
+                if index_groups is not None:
+                    n *= len(index_groups[0])
+                elif axis_name is not None:
+                    n *= lax.psum(1, axis_name)
                 var = var * (n / (n - 1))
+            if groups > 1:  # the running averages follow the mean of the groups' statistics
+                mean, var = mean.mean(0), var.mean(0)
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
+
+
+class FlaxBatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` (impl "flax") with ``fastops.BatchNorm``'s ``group_size``: without one it is
+    ``nn.BatchNorm`` itself; with one, training normalises each group (``bn_groups``) by plain jnp operations
+    differentiated by JAX, as ``nn.BatchNorm`` does for its one group (float32 moments, biased variance as
+    E[x^2] - E[x]^2, ``lax.pmean`` over the devices a group spans)."""
+
+    group_size: int | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if ura or self.is_initializing() or self.group_size is None:
+            return super().__call__(x, ura)
+        groups, axis_name, index_groups = bn_groups(x.shape[0], self.group_size, self.axis_name)
+        features = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,))
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale)
+        xg, axes = _split(x.astype(jnp.float32), groups)
+        mean, mean_sq = jnp.mean(xg, axes), jnp.mean(jnp.square(xg), axes)
+        if axis_name is not None:
+            mean, mean_sq = lax.pmean((mean, mean_sq), axis_name, axis_index_groups=index_groups)
+        var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
+        stats = (mean.mean(0), var.mean(0)) if groups > 1 else (mean, var)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * lax.stop_gradient(stats[0])
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * lax.stop_gradient(stats[1])
+        nd = xg.ndim
+        y = (xg - _per_group(mean, groups, nd)) * _per_group(lax.rsqrt(var + self.epsilon), groups, nd)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.reshape(x.shape).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------

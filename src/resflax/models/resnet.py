@@ -178,13 +178,17 @@ class ResNet(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype of the parameters.
       bn_momentum: Flax convention (running = m * running + (1 - m) * batch); PyTorch's 0.1 is Flax's 0.9.
       bn_axis_name: mesh axis over which BN statistics are averaged (synchronised BN), or None.
+      bn_group_size: None: BN statistics over each device's slice (``bn_axis_name`` None) or the global batch;
+        N: over groups of N images (ghost batch, ``fastops.bn_groups``), whatever the device count: groups
+        within a device are normalised alone, a group spanning devices averages over them (``bn_axis_name``).
       bn_unbiased_var: running variance from the unbiased batch variance (PyTorch, Caffe); needs impl "fast".
       residual_gate: None (default), or a scalar multiplying every shortcut (1: residual, 0: plain), which may be
         a traced value: a population (``train.population``) trains plain-n and ResNet-n members of one
         parameter shape (option A) in one vmapped program. Needs ``residual=True``. Multiplying by 1 or 0
         and adding is exact, so a member computes what the static ``residual=True``/``False`` network does.
       impl: ``"fast"`` (default): ``fastops.Conv``/``fastops.BatchNorm`` with hand-written gradients;
-        ``"flax"``: ``nn.Conv``/``nn.BatchNorm``. Same parameters, same numerics up to float rounding.
+        ``"flax"``: ``nn.Conv``/``nn.BatchNorm`` (``fastops.FlaxBatchNorm``, for groups).
+        Same parameters, same numerics up to float rounding.
       barriers: optimisation barrier after every block, so the backward pass reads stored activations
         instead of recomputing BN/add/ReLU chains (numerically a no-op). Off by default: XLA:CPU removes
         optimisation barriers before fusion, so they do nothing there (see docs/performance.md).
@@ -211,6 +215,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
+    bn_group_size: int | None = None
     bn_unbiased_var: bool = False
     residual_gate: Any = None
     impl: str = "fast"
@@ -232,7 +237,8 @@ class ResNet(nn.Module):
             raise ValueError(f"unknown conv_init {self.conv_init!r}; expected one of {tuple(CONV_INITS)}")
         if self.residual_gate is not None and not self.residual:
             raise ValueError("residual_gate needs residual=True (the gate multiplies the shortcut)")
-        conv_cls, norm_cls = (fastops.Conv, fastops.BatchNorm) if self.impl == "fast" else (nn.Conv, nn.BatchNorm)
+        fast = self.impl == "fast"
+        conv_cls, norm_cls = (fastops.Conv, fastops.BatchNorm) if fast else (nn.Conv, fastops.FlaxBatchNorm)
         norm_extra = {}
         if self.bn_unbiased_var:
             if self.impl != "fast":
@@ -250,6 +256,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             axis_name=self.bn_axis_name,
+            group_size=self.bn_group_size,
             **norm_extra,
         )
         block_cls = BLOCKS[self.block]

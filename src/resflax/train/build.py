@@ -26,15 +26,44 @@ def compute_dtype(config) -> Any:
     return DTYPES[config.dtype]
 
 
+def bn_groups(config) -> tuple[str | None, int | None]:
+    """The model's ``(bn_axis_name, bn_group_size)`` from the config: one mechanism, three ways to name a group
+    (``fastops.bn_groups``): ``bn_group_size`` N > 0: groups of N images whatever the devices; 0: each
+    device's slice (no axis); ``bn_sync``: the whole batch (the axis, no size). ``BadInput`` when
+    ``bn_sync`` contradicts a group size."""
+    size = config.get("bn_group_size") or 0
+    if config.bn_sync:
+        if size not in (0, config.batch_size):
+            raise BadInput(f"bn_sync=True normalises over the whole batch of {config.batch_size}, not groups of "
+                           f"bn_group_size={size}: set one of them")
+        return AXIS, None
+    return (AXIS, size) if size else (None, None)
+
+
+def check_bn_groups(config, num_devices: int) -> None:
+    """``BadInput`` (one line) unless ``bn_group_size`` can be honoured on ``num_devices`` devices: it divides
+    the batch, and it divides each device's slice or is a whole number of slices."""
+    size, batch = config.get("bn_group_size") or 0, config.batch_size
+    if not size or "bn_group_size" not in model_fields(config.model):
+        return
+    local = batch // num_devices
+    if batch % size:
+        raise BadInput(f"bn_group_size {size} does not divide batch_size {batch}")
+    if local % size and size % local:
+        raise BadInput(f"bn_group_size {size} cannot be formed from {num_devices} devices of {local} images each: "
+                       "a group must divide a device's images or be a whole number of devices' images")
+
+
 def model_from_config(config, num_classes: int | None = None) -> Any:
     """``config.model`` with the run's settings (``pad_layout``, ``stride_on_3x3``, ``zero_init_last_bn``,
-    ``dtype``, ``bn_sync``, and ``shortcut``, ``impl``, ``conv_init``, ``scan_min_blocks`` where set; a VGG
-    ignores those of the ResNet family) and ``num_classes`` (None: the model's own). Builds the module only: no
-    parameters. ``BadInput`` for a setting that cannot be used (an unknown model, a bad dtype or field value)."""
+    ``dtype``, the BatchNorm groups (``bn_groups``), and ``shortcut``, ``impl``, ``conv_init``, ``scan_min_blocks``
+    where set; a VGG ignores those of the ResNet family) and ``num_classes`` (None: the model's own). Builds the
+    module only: no parameters. ``BadInput`` for a setting that cannot be used (an unknown model, a bad dtype
+    or field value)."""
     try:
         overrides = dict(pad_layout=config.pad_layout, stride_on_3x3=config.stride_on_3x3,
-                         zero_init_last_bn=config.zero_init_last_bn, dtype=compute_dtype(config),
-                         bn_axis_name=AXIS if config.bn_sync else None)
+                         zero_init_last_bn=config.zero_init_last_bn, dtype=compute_dtype(config))
+        overrides["bn_axis_name"], overrides["bn_group_size"] = bn_groups(config)
         for key in ("shortcut", "impl", "conv_init"):  # (conv_init: absent from runs made before it)
             if config.get(key) is not None:
                 overrides[key] = config[key]

@@ -1,7 +1,8 @@
-"""The bodies of ``resflax train``, ``eval``, ``import``, ``export`` and ``predict``: each calls ``train.loop``,
-``train.evaluate`` or ``train.transfer`` and prints the result. ``eval``, ``export`` and ``predict`` parse their
-own flags; ``train`` and ``import`` read an experiment config and ``--config.KEY`` overrides, which
-``resflax.cli`` parses before it calls ``run_train`` / ``run_import`` here.
+"""The bodies of ``resflax train``, ``eval``, ``import``, ``export``, ``predict`` and ``bn-stats``: each
+calls ``train.loop``, ``train.evaluate``, ``train.transfer`` or ``train.bnstats`` and prints the result.
+``eval``, ``export``, ``predict`` and ``bn-stats`` parse their own flags; ``train`` and ``import`` read an
+experiment config and ``--config.KEY`` overrides, which ``resflax.cli`` parses before it calls ``run_train`` /
+``run_import`` here.
 
 Start-up time: the modules that import JAX, Orbax and grain are imported after the flags are parsed, so that
 ``--help`` and a flag error answer at once (in about 0.1 s instead of 2-4 s).
@@ -155,4 +156,23 @@ def cmd_predict(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "export": cmd_export, "predict": cmd_predict}
+def cmd_bn_stats(argv: list[str]) -> int:
+    ap = ArgumentParser(
+        prog="resflax bn-stats",
+        description="A run's BatchNorm statistics recomputed the released Caffe models' way: the average over "
+                    "BATCHES training batches (training augmentation, forward passes in train mode, no update) "
+                    "replaces the moving averages. Writes a new run OUT; the source run is not changed.")
+    ap.add_argument("--workdir", required=True, help="the run whose latest checkpoint is used")
+    ap.add_argument("--out", required=True, help="new run directory to write (absent or empty)")
+    ap.add_argument("--batches", type=int, default=100, help="training batches averaged (default 100)")
+    ap.add_argument("--data_dir", default=None, help="TFDS data_dir (default: the run's)")
+    args = ap.parse_args(argv)
+    from resflax.train.bnstats import recompute  # noqa: PLC0415 (start-up time)
+
+    r = recompute(args.workdir, args.out, args.batches, args.data_dir)
+    print(f"BatchNorm statistics of {r['model']} step {r['step']} averaged over {r['batches']} training batches "
+          f"({r['images']} images) into {r['workdir']} (state_digest {r['state_digest'][:16]})")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "export": cmd_export, "predict": cmd_predict, "bn-stats": cmd_bn_stats}

@@ -75,6 +75,7 @@ def _plan(config: ml_collections.ConfigDict, locate_data: bool = True) -> Plan:
     ndev = config.num_devices or jax.device_count()
     if config.batch_size % ndev:
         raise BadInput(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
+    build.check_bn_groups(config, ndev)
     mesh = step_lib.make_mesh(ndev)
     num_steps, boundaries, schedule = schedules.from_config(config)
     step_cfg = step_lib.StepConfig(batch_size=config.batch_size, schedule=schedule)
@@ -182,6 +183,9 @@ def _record_resumption(writers: list, say, config, start: int, changes: dict, de
         return
     if config.bn_sync:
         consequence = "BatchNorm statistics are global (bn_sync), so training goes on as before"
+    elif config.get("bn_group_size"):
+        consequence = (f"BatchNorm statistics are over groups of {config.bn_group_size} images (bn_group_size) on "
+                       "any device count, so training goes on as before")
     else:
         consequence = (f"per-device BatchNorm now normalises over {config.batch_size // devices} images "
                        f"instead of {config.batch_size // devices_before}: the run continues correctly but "

@@ -3,9 +3,9 @@ way, is ``train.evaluators``').
 
 The steps run per device under ``jax.shard_map`` (the pmap semantics, without pmap): the state is
 replicated, each device takes its slice of the global batch, gradients, metrics and BN running statistics
-are averaged with ``lax.pmean``. With ``bn_sync`` the model's BatchNorm averages its batch statistics over
-the ``data`` axis (normalisation over the global batch, identical for any device count); without it each
-device normalises over its own slice, as the paper's two GPUs did.
+are averaged with ``lax.pmean``. The model's BatchNorm normalises groups of images (``bn_group_size``, see
+``fastops.bn_groups``): each device's slice (the default, as the paper's two CIFAR GPUs did), groups of N
+images whatever the device count (ImageNet: 32, the paper's 8 GPUs), or the global batch (``bn_sync``).
 
 The CIFAR training set lives on the device (replicated); each step draws its batch from a per-epoch
 permutation of the seed and augments it inside the step, so the hot loop has no host round-trip.
@@ -117,9 +117,18 @@ def _sgd_update(model, tx, cfg: StepConfig, state: TrainState, x, y, lr_scale=No
     return new_state, {"loss": loss, "error": error, "lr": lr}
 
 
-def _cifar_per_device(model, tx, cfg: StepConfig, local: int, std) -> Callable:
+def _batch_statistics(model, state: TrainState, x) -> tuple[TrainState, dict]:
+    """A forward pass in train mode and no update (``resflax bn-stats``): the state with its running statistics
+    replaced by this batch's (each BN's mean over its groups, averaged over the devices: the step's running
+    average with momentum 0) and its step advanced to the next batch; the parameters are unchanged."""
+    _, new_vars = model.clone(bn_momentum=0.0).apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"])
+    return state.replace(step=state.step + 1, batch_stats=jax.lax.pmean(new_vars["batch_stats"], AXIS)), {}
+
+
+def _cifar_per_device(model, tx, cfg: StepConfig, local: int, std, stats_only: bool = False) -> Callable:
     """One device's part of a CIFAR train step: draws its slice of the batch ``state.step`` from the seed's
-    permutation, augments it and takes the SGD step."""
+    permutation, augments it and takes the SGD step (``stats_only``: ``_batch_statistics`` instead)."""
 
     def per_device(state: TrainState, images, labels, mean):
         rng_data, rng_aug = _keys(state)
@@ -131,8 +140,9 @@ def _cifar_per_device(model, tx, cfg: StepConfig, local: int, std) -> Callable:
         x = augment.train_augment(images[lidx], mean, keys)
         if std is not None:  # imported weights' normalisation; the padding stays 0 (the mean colour)
             x = x / std
-        y = labels[lidx]
-        return _sgd_update(model, tx, cfg, state, x, y)
+        if stats_only:
+            return _batch_statistics(model, state, x)
+        return _sgd_update(model, tx, cfg, state, x, labels[lidx])
 
     return per_device
 
@@ -144,14 +154,16 @@ def _local_batch(cfg: StepConfig, mesh) -> int:
     return cfg.batch_size // ndev
 
 
-def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, std=None) -> Callable:
-    """Returns ``step(state, images_u8, labels, mean) -> (state, metrics)``, jitted over ``mesh``.
+def make_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, std=None,
+                    stats_only: bool = False) -> Callable:
+    """Returns ``step(state, images_u8, labels, mean) -> (state, metrics)``, jitted over ``mesh``; with
+    ``stats_only`` the state gets the batch's BN statistics instead of an SGD step (``_batch_statistics``).
 
     ``images_u8``/``labels`` are the whole (replicated) training split; ``std`` (per channel) divides the
     mean-subtracted input when given (imported weights' normalisation); ``metrics`` holds ``loss``,
     ``error`` (fraction of the batch misclassified) and ``lr`` as device scalars.
     """
-    per_device = _cifar_per_device(model, tx, cfg, _local_batch(cfg, mesh), std)
+    per_device = _cifar_per_device(model, tx, cfg, _local_batch(cfg, mesh), std, stats_only)
     sharded = jax.shard_map(
         per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=(P(), P()), check_vma=False
     )
@@ -216,17 +228,20 @@ def make_population_train_step(model, tx: optax.GradientTransformation, cfg: Ste
     return jax.jit(sharded, donate_argnums=(0,))
 
 
-def make_batch_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, finish: Callable) -> Callable:
+def make_batch_train_step(model, tx: optax.GradientTransformation, cfg: StepConfig, mesh, finish: Callable,
+                          stats_only: bool = False) -> Callable:
     """A train step fed from the host (ImageNet): ``step(state, images_u8, extra, labels, mean, lr_scale) ->
     (state, metrics)``. ``images_u8`` (uint8 NHWC), ``extra`` (per-image values for ``finish``, e.g. the
     lighting offsets) and ``labels`` are the global batch sharded over ``data``; ``finish(images, mean,
     extra)`` makes the float input on the device; the lr is the schedule's times ``lr_scale`` (drops decided
-    on the host by the plateau rule, ``schedules.Plateau``)."""
+    on the host by the plateau rule, ``schedules.Plateau``). ``stats_only``: as ``make_train_step``'s."""
     if cfg.batch_size % mesh.shape[AXIS]:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {mesh.shape[AXIS]} devices")
 
     def per_device(state: TrainState, images, extra, labels, mean, lr_scale):
         x = finish(images, mean, extra)
+        if stats_only:
+            return _batch_statistics(model, state, x)
         return _sgd_update(model, tx, cfg, state, x, labels, lr_scale)
 
     sharded = jax.shard_map(

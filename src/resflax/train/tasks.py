@@ -139,9 +139,9 @@ class CifarTask:
         self._place_input()
         self._eval = self._eval_step(model)
 
-    def build(self, model, tx, step_cfg) -> None:
+    def build(self, model, tx, step_cfg, stats_only: bool = False) -> None:
         self._place()
-        self._train = step_lib.make_train_step(model, tx, step_cfg, self.mesh, std=self.std)
+        self._train = step_lib.make_train_step(model, tx, step_cfg, self.mesh, std=self.std, stats_only=stats_only)
         self._eval = self._eval_step(model)
 
     def build_population(self, model, tx, step_cfg, residual, vectorize: str) -> None:
@@ -225,14 +225,14 @@ class ImageNetTask:
     def image_shape(self):
         return (self.cfg.size, self.cfg.size, 3)
 
-    def build(self, model, tx, step_cfg) -> None:
+    def build(self, model, tx, step_cfg, stats_only: bool = False) -> None:
         std = self.std_host  # imported weights' normalisation (e.g. torchvision's); None: the paper's
 
         def finish(images, mean, lighting):
             x = imagenet.finish_batch(images, mean, lighting, xp=jnp)
             return x if std is None else x / std
 
-        self._train = step_lib.make_batch_train_step(model, tx, step_cfg, self.mesh, finish)
+        self._train = step_lib.make_batch_train_step(model, tx, step_cfg, self.mesh, finish, stats_only)
         self._eval = self._eval_step(model)
         self.mean = step_lib.replicate(self.mean_host, self.mesh)
         self._sharded = NamedSharding(self.mesh, P(step_lib.AXIS))

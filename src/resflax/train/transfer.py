@@ -278,6 +278,37 @@ def _publish(build: Path, path: Path) -> None:
             os.close(fd)
 
 
+def new_run_dir(workdir: str | Path) -> Path:
+    """``workdir`` as an absolute path for a new run (``write_run``); ``WorkdirError`` unless it is absent or
+    an empty folder (checked before anything is read, locked or written)."""
+    path = Path(workdir).expanduser().absolute()
+    _refuse_existing(path)
+    return path
+
+
+def write_run(path: Path, config: ml_collections.ConfigDict, host_state: Any, meta: dict, mesh) -> str:
+    """A new run in ``path`` (``new_run_dir``'s): ``config.json`` and one checkpoint of ``host_state`` at its
+    step with ``meta`` (plus the config and the state digest), written beside ``path`` and renamed into place
+    as an import is (atomic). Returns the state digest."""
+    wd.prepare(path.parent)
+    build, lock = _start_build(path)
+    try:
+        cfg = json.loads(config.to_json())
+        wd.write_json_atomic(build / "config.json", cfg)
+        digest = state_lib.state_digest(host_state)
+        ckpt = Checkpointer(build, keep=config.keep_checkpoints)
+        ckpt.save(int(host_state.step), step_lib.replicate(host_state, mesh),
+                  {**meta, "config": cfg, "state_digest": digest}, host_state=host_state)
+        ckpt.close()  # waits until the asynchronous save is complete (or raises CheckpointError)
+        _publish(build, path)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+    return digest
+
+
 def export_weights(workdir: str | Path, out: str | Path, layout: str | None = None) -> dict[str, Any]:
     """The latest good checkpoint of ``workdir`` as a ``.safetensors`` state dict (read-only on the workdir)."""
     if Path(out).suffix != ".safetensors":
