@@ -27,7 +27,7 @@ rundir = runs/cifar-$(1)$(if $(filter-out 1.0,$(SCHEDULE_SCALE)),-s$(SCHEDULE_SC
 IMAGENET_MODELS := plain18 plain34 resnet18 resnet34 resnet50 resnet101 resnet152 vgg16 vgg19
 inrundir = runs/imagenet-$(1)$(if $(filter-out 1.0,$(SCHEDULE_SCALE)),-s$(SCHEDULE_SCALE))
 
-.PHONY: venv test test-fast lint demo data summary bench clean cifar-degradation cifar-table6 study \
+.PHONY: venv venv-newest test test-fast test-newest lint demo data summary bench clean cifar-degradation cifar-table6 study \
 	$(addprefix cifar-,$(CIFAR_MODELS)) $(addprefix imagenet-,$(IMAGENET_MODELS)) imagenet-resnet34-B \
 	imagenet-resnet34-C imagenet-tiny imagenet-data
 
@@ -36,8 +36,40 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test-torch]'
 	touch $(STAMP)
+
+# The newest end of the supported range (the pins in .ci/newest.txt) on Python 3.12: CI's second stage, in a venv
+# of its own with the test extra without PyTorch (the tests that need torch skip). The Python: PY_NEWEST, else
+# python3.12 on PATH, else pyenv's newest 3.12.x.
+VENV_NEWEST  := .venv-newest
+NEWEST_STAMP := $(VENV_NEWEST)/.installed
+PY_NEWEST    ?=
+# Besides the not-slow suite: one kill/resume test, and the notebook's install keeping this venv's JAX
+NEWEST_SLOW  := tests/test_robustness.py::test_kill9_anywhere_then_rerun_gives_the_same_digest \
+	tests/test_notebook.py::test_installing_resflax_the_notebooks_way_keeps_the_runtimes_jax
+
+venv-newest: $(NEWEST_STAMP)
+
+$(NEWEST_STAMP): setup.cfg pyproject.toml .ci/newest.txt
+	@py="$(PY_NEWEST)"; \
+	if [ -z "$$py" ]; then \
+	  for c in python3.12 $$(ls -d "$$(pyenv root 2>/dev/null)"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V -r); do \
+	    if "$$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then py="$$c"; break; fi; \
+	  done; \
+	fi; \
+	if [ -z "$$py" ] || ! "$$py" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 12))' 2>/dev/null; then \
+	  echo "make venv-newest: no Python 3.12 found$${py:+ ($$py is not Python >= 3.12)}: put python3.12 on PATH," \
+	    "install it with pyenv, or give PY_NEWEST=/path/to/python3.12 (JAX 0.11 and later need Python >= 3.12)" >&2; \
+	  exit 2; \
+	fi; \
+	echo "$(VENV_NEWEST): $$py ($$("$$py" -V 2>&1))"; \
+	test -x $(VENV_NEWEST)/bin/python || "$$py" -m venv $(VENV_NEWEST)
+	$(VENV_NEWEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_NEWEST)/bin/python -m pip install -q -c .ci/newest.txt -e '.[test]'
+	$(VENV_NEWEST)/bin/python -c "import importlib.metadata as m, sys; print('python', sys.version.split()[0], \
+	  *(f'{n} {m.version(n)}' for n in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain')))"
+	touch $(NEWEST_STAMP)
 
 # Two worker processes, a test file each at a time (-n 2 --dist loadfile; conftest.py starts the longest files
 # first). Much of the suite is single-threaded compilation, so on 2 cores two workers gain: 1,124 s against
@@ -51,6 +83,11 @@ test: venv
 
 test-fast: venv
 	$(test_env) $(BIN)/python -m pytest -q -m "not slow"
+
+# CI's second stage: the not-slow suite and NEWEST_SLOW on the newest JAX (venv-newest)
+test-newest: venv-newest
+	$(test_env) $(VENV_NEWEST)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=10
+	$(test_env) $(VENV_NEWEST)/bin/python -m pytest -q $(NEWEST_SLOW)
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks experiments
@@ -138,7 +175,7 @@ imagenet-tiny: venv
 	  --workdir=runs/imagenet-tiny $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_NEWEST) build dist src/*.egg-info .pytest_cache .ruff_cache
 
 # docs/performance.md: resflax vs the PyTorch reference, side by side (installs the torch extra).
 bench: venv

@@ -6,10 +6,13 @@ import io
 import os
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import jax
+import jaxlib
 import nbformat
 import pytest
 
@@ -164,6 +167,90 @@ def test_describe_accelerator(nbfn):
         "CPU only (training will be slow; this machine has a GPU that JAX does not use)")
 
 
+def test_jax_plan_keeps_a_jax_in_range_with_its_plugin(nbfn):
+    """Issue 24 item 4: a runtime's JAX that resflax's range admits is pinned, with jaxlib and its accelerator
+    plugin, for the install (pip keeps them); one outside the range (or none) is left to pip, and only then does
+    the accelerator's build follow."""
+    req = nbfn.jax_requirement(ROOT)
+    line = next(ln.strip() for ln in (ROOT / "setup.cfg").read_text().splitlines() if ln.strip().startswith("jax>"))
+    assert str(req) == str(nbfn.Requirement(line)), "the range is read from the checkout's setup.cfg"
+    colab_gpu = {"jax": "0.12.0.1", "jax-cuda12-pjrt": "0.12.0.1", "jax-cuda12-plugin": "0.12.0.1",
+                 "jaxlib": "0.12.0.1"}
+    assert nbfn.jax_plan(colab_gpu, req, "gpu") == ([f"{n}==0.12.0.1" for n in colab_gpu], None)
+    colab_tpu = {"jax": "0.10.2", "jaxlib": "0.10.2", "libtpu": "0.0.30"}
+    assert nbfn.jax_plan(colab_tpu, req, "tpu") == (["jax==0.10.2", "jaxlib==0.10.2", "libtpu==0.0.30"], None)
+    assert nbfn.jax_plan({"jax": "0.9.2", "jaxlib": "0.9.2"}, req, "tpu") == ([], "tpu")
+    assert nbfn.jax_plan({"jax": "99.0", "jaxlib": "99.0"}, req, "gpu") == ([], "cuda12")
+    assert nbfn.jax_plan({}, req, None) == ([], None)
+    assert nbfn.describe_jax(colab_tpu) == "jax 0.10.2, jaxlib 0.10.2, libtpu 0.0.30"
+
+
+@pytest.mark.parametrize("runtime, accelerator, pins, calls, said", [
+    ({"jax": "0.12.0.1", "jax-cuda12-plugin": "0.12.0.1", "jaxlib": "0.12.0.1"}, "gpu",
+     "jax==0.12.0.1\njax-cuda12-plugin==0.12.0.1\njaxlib==0.12.0.1\n", 1,
+     "kept this Python's JAX (jax 0.12.0.1, jax-cuda12-plugin 0.12.0.1, jaxlib 0.12.0.1): resflax supports jax<"),
+    ({"jax": "0.4.30", "jaxlib": "0.4.30"}, "gpu", "", 2,
+     "installed jax 0.10.2, jaxlib 0.10.2 for resflax (jax<"),
+], ids=["in-range", "out-of-range"])
+def test_install_resflax_pins_or_adds_the_build(nbfn, monkeypatch, runtime, accelerator, pins, calls, said):
+    """The notebook's install function, with pip and the installed packages faked: the commands it runs."""
+    ns = nbfn.install_resflax.__globals__
+    installed = [dict(runtime)]
+    runs = []
+
+    def run(args, check):
+        assert check and args[:4] == [sys.executable, "-m", "pip", "install"]
+        if "-e" in args:
+            runs.append((args, Path(args[args.index("-c") + 1]).read_text()))
+            if not pins:  # pip installs the newest JAX in range (say 0.10.2, on Python 3.11)
+                installed.append({"jax": "0.10.2", "jaxlib": "0.10.2"})
+        else:
+            runs.append((args, None))
+
+    monkeypatch.setitem(ns, "jax_installed", lambda: installed[-1])
+    monkeypatch.setattr(ns["subprocess"], "run", run)
+    line = nbfn.install_resflax(ROOT, accelerator)
+    assert len(runs) == calls and runs[0][0][-2:] == ["-e", str(ROOT)] and runs[0][1] == pins
+    if calls == 2:
+        assert runs[1][0][4:] == ["-q", "jax[cuda12]==0.10.2"]
+        assert line.endswith("; this Python had jax 0.4.30), with the jax[cuda12] build")
+    assert line.startswith(said) and "\n" not in line
+
+
+@pytest.mark.slow
+def test_installing_resflax_the_notebooks_way_keeps_the_runtimes_jax(nbfn, tmp_path):
+    """Issue 24 item 4, for real: a new venv whose packages are this Python's (its JAX: in CI's second stage the
+    newest, in the first 0.10.2), seen behind the venv's own site-packages as a Colab runtime's preinstalled JAX.
+    The notebook's ``install_resflax`` (its cell, run by that venv's Python) installs resflax into the venv; the
+    venv's ``jax.__version__``, jaxlib and plugins are as before. A JAX pip installed would land in the venv and
+    shadow this Python's (this Python's own packages are never changed: pip uninstalls only inside the venv)."""
+    venv = tmp_path / "runtime"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # resflax only as the venv has it
+
+    def in_venv(*args: str) -> str:
+        return subprocess.run([py, *args], check=True, capture_output=True, text=True, env=env).stdout.strip()
+
+    ours = sysconfig.get_paths()["purelib"]
+    theirs = in_venv("-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    Path(theirs, "runtime.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    show = "import jax, jaxlib; print(jax.__version__, jaxlib.__version__)"
+    before = in_venv("-c", show)
+    assert before == f"{jax.__version__} {jaxlib.__version__}"
+    cell = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if "def install_resflax(" in c.source)
+    script = tmp_path / "install.py"
+    script.write_text(f"{cell}\nprint(jax_installed())\nprint(install_resflax({str(ROOT)!r}))\nprint(jax_installed())\n")
+    out = in_venv(str(script)).splitlines()
+    assert out[0] == out[2] and "'jax'" in out[0], out
+    assert out[1].startswith(f"kept this Python's JAX (jax {jax.__version__}, jaxlib {jaxlib.__version__}"), out
+    assert in_venv("-c", show) == before
+    located = in_venv("-c", "import importlib.metadata as m, resflax; print(m.distribution('resflax').locate_file(''), "
+                      "resflax.__file__)")
+    site_dir, module = located.split()
+    assert Path(site_dir) == Path(theirs) and Path(module).is_relative_to(ROOT / "src"), located
+
+
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     from nbclient import NotebookClient  # noqa: PLC0415
@@ -192,6 +279,7 @@ _mock.__enter__()
 
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"resflax source: {ROOT} (the checkout around this notebook)" in outputs
+    assert f"JAX: jax {jax.__version__}, jaxlib {jaxlib.__version__}" in outputs
     assert "accelerator: CPU only (training will be slow)" in outputs
     assert f"resflax {__import__('resflax').__version__} from {ROOT}" in outputs
     assert "final test error" in outputs

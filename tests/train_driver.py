@@ -27,7 +27,7 @@ def _cache_every_process() -> None:
     if original is None or not hasattr(compilation_cache, "put_executable_and_time"):
         return
 
-    # jax 0.10 passes host_callbacks (never cached when there are some); jax 0.12 dropped the argument
+    # JAX 0.10 passes the program's host callbacks last (it caches no program that has any); 0.12 no longer does
     def write(cache_key, compile_time_secs, module_name, backend, executable, *host_callbacks):
         if distributed.global_state.process_id in (None, 0) or any(host_callbacks):
             return original(cache_key, compile_time_secs, module_name, backend, executable, *host_callbacks)

@@ -9,6 +9,14 @@ JAX's own initialisers bit for bit, and every state digest in docs/ is unchanged
 transformation and with a jaxlib this was checked with (``resflax.xla.TESTED_JAXLIB``), the draw is compiled
 at -O1; everywhere else (GPU/TPU, traced inside ``jit``/``eval_shape``/``vmap``, other jaxlib versions)
 these call JAX's initialisers' own code.
+
+JAX 0.12 changed how its initialisers scale a normal draw: ``(sqrt(2) * stddev) * erf_inv(u)`` (its
+``_scaled_normal``, which gives the same bits eagerly and under ``jit``, where XLA now reassociates constant
+factors) instead of ``normal(key) * stddev``, i.e. ``(sqrt(2) * erf_inv(u)) * stddev``. Float multiplication is
+not associative, so the two orders differ in the last bit for about half the values; these initialisers use
+the order of the installed JAX (``JAX_SCALES_INSIDE``), so the claim above holds on every JAX in resflax's range.
+Consequence: a model initialised from the same seed on JAX 0.10/0.11 and on 0.12 has normal-initialised
+weights up to 1 ulp apart (truncated normals, ``lecun_normal``, are unchanged).
 """
 
 from __future__ import annotations
@@ -20,19 +28,34 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from jax import random
+from jax import lax, random
 
 from resflax import xla as _xla
 
 # LLVM's optimisation level for the eager draws on the CPU (XLA's default is 2; 0 changes the numbers)
 CPU_OPT_LEVEL = 1
+# JAX >= 0.12 multiplies sqrt(2) into the standard deviation before it meets erf_inv(u) (see the docstring)
+JAX_SCALES_INSIDE = jax.__version_info__[:2] >= (0, 12)
 
 
 def _draw(key, shape, dtype, truncated: bool):
-    """``random.normal`` (or ``random.truncated_normal(-2, 2)``) of ``shape``, as JAX's initialisers draw it."""
+    """The random part of JAX's initialisers' draw of ``shape``, before the factor :func:`_factor` gives:
+    ``random.truncated_normal(-2, 2)``; for a normal, ``erf_inv(u)`` with ``u`` uniform in (-1, 1) where JAX
+    scales inside (as ``jax._src.nn.initializers._scaled_normal``), else ``random.normal``."""
     if truncated:
         return random.truncated_normal(key, -2, 2, shape, dtype)
+    if JAX_SCALES_INSIDE:
+        lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
+        return lax.erf_inv(random.uniform(key, shape, dtype, lo, np.array(1.0, dtype)))
     return random.normal(key, shape, dtype)
+
+
+def _factor(stddev, dtype, truncated: bool):
+    """What :func:`_draw`'s values are multiplied by to give JAX's: ``stddev``, or ``sqrt(2) * stddev`` for a
+    normal where JAX scales inside (the same float32 product JAX forms)."""
+    if truncated or not JAX_SCALES_INSIDE:
+        return stddev
+    return jnp.array(np.sqrt(2), dtype) * stddev
 
 
 _draw_o1 = jax.jit(_draw, static_argnums=(1, 2, 3), compiler_options={"xla_backend_optimization_level": CPU_OPT_LEVEL})
@@ -75,7 +98,7 @@ def variance_scaling(scale: float, mode: str, distribution: str):
         if distribution == "truncated_normal":
             stddev = jnp.sqrt(variance) / jnp.array(.87962566103423978, dtype)
             return _standard(key, shape, dtype, True) * stddev
-        return _standard(key, shape, dtype, False) * jnp.sqrt(variance)
+        return _standard(key, shape, dtype, False) * _factor(jnp.sqrt(variance), dtype, False)
 
     return init
 
@@ -84,7 +107,8 @@ def normal(stddev: float = 1e-2):
     """``jax.nn.initializers.normal(stddev)``: the same values, see the module docstring."""
 
     def init(key, shape, dtype=jnp.float32):
-        return _standard(key, tuple(int(d) for d in shape), dtype, False) * jnp.array(stddev, dtype)
+        shape = tuple(int(d) for d in shape)
+        return _standard(key, shape, dtype, False) * _factor(jnp.array(stddev, dtype), dtype, False)
 
     return init
 
