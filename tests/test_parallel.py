@@ -228,6 +228,29 @@ def _direct64(params, batch_stats, x, y):
     return jax.device_get(jax.jit(_per_slice, static_argnums=0)(model, f64(params), f64(batch_stats), f64(x), y))
 
 
+# The BN biases after one step are -lr times their gradients: sums over a group's 32x32x32 positions of upstream
+# gradients that nearly cancel, so float32 accumulation in XLA's step is what limits them against the float64
+# direct computation. Measured (one step, batch 64, worst element / the leaf's largest): jaxlib 0.10.2 within
+# the default 1e-5; jaxlib 0.12.0.1 up to 2.2e-4 (impl fast) and 7.4e-4 (impl flax) in the stem's and
+# stage1/block0's BN biases, the same on 1, 2 and 8 devices (which agree with each other to 8e-7).
+BN_BIAS_ATOL = 2e-3
+
+
+def _bn_biases(params):
+    """(the BN biases, the other parameters) of a parameter tree, as two flat dicts."""
+    flat = {"/".join(map(str, k)): v for k, v in _flatten(params)}
+    bias = {k: v for k, v in flat.items() if k.endswith("bias") and "bn" in k.rsplit("/", 2)[-2]}
+    return bias, {k: v for k, v in flat.items() if k not in bias}
+
+
+def _flatten(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            yield from _flatten(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
 @pytest.mark.parametrize("impl", ["fast", "flax"])
 def test_train_step_with_bn_groups_of_32_same_on_1_2_8_devices_and_direct(ghost_saved, impl):
     """One real train step of ResNet-8 (batch 64, BN groups of 32) on 1, 2 and 8 devices: the same loss,
@@ -262,7 +285,11 @@ def test_train_step_with_bn_groups_of_32_same_on_1_2_8_devices_and_direct(ghost_
         assert float(saved[f"step/{impl}/metrics/['lr']"]) == pytest.approx(lr)
         assert float(saved[f"step/{impl}/metrics/['loss']"]) == pytest.approx(loss, rel=1e-5), what
         assert_trees_close(saved.tree(f"step/{impl}/batch_stats1"), stats, what=what + "batch_stats")
-        assert_trees_close(saved.tree(f"step/{impl}/params1"), params, what=what + "params")
+        got = saved.tree(f"step/{impl}/params1")
+        assert_trees_close(got, first.tree(f"step/{impl}/params1"), what=what + "params against 1 device's")
+        (got_b, got_rest), (want_b, want_rest) = _bn_biases(got), _bn_biases(params)
+        assert_trees_close(got_rest, want_rest, what=what + "params")
+        assert_trees_close(got_b, want_b, atol=BN_BIAS_ATOL, what=what + "BN biases")
     for other in others.values():
         with pytest.raises(AssertionError):
             assert_trees_close(first.tree(f"step/{impl}/batch_stats1"), jax.tree_util.tree_map(mean, *other))
