@@ -31,6 +31,20 @@ def _put(arrays, name, tree):
         arrays[name + ("/" + jax.tree_util.keystr(path) if path else "")] = np.asarray(leaf)
 
 
+def _bn_on_devices(bn, params, stats, x, mesh):
+    """One train-mode application of the BatchNorm layer ``bn`` to ``x`` split over the mesh's devices: (its
+    output, the running statistics averaged over the devices)."""
+
+    def per_device(xs):
+        y, upd = bn.apply({"params": params, "batch_stats": stats}, xs, use_running_average=False,
+                          mutable=["batch_stats"])
+        return y, jax.lax.pmean(upd["batch_stats"], step_lib.AXIS)
+
+    f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(step_lib.AXIS),
+                              out_specs=(P(step_lib.AXIS), P()), check_vma=False))
+    return f(x)
+
+
 def bn_check(ndev, out):
     """Saves (npz) what the per-device BatchNorm check of test_parallel compares with numpy:
 
@@ -54,16 +68,7 @@ def bn_check(ndev, out):
     _put(arrays, "layer/stats", stats)
     for impl, cls in (("fast", fastops.BatchNorm), ("flax", nn.BatchNorm)):
         for mode, axis in (("local", None), ("sync", step_lib.AXIS)):
-            bn = cls(momentum=0.9, epsilon=1e-5, axis_name=axis)
-
-            def per_device(xs, bn=bn):
-                y, upd = bn.apply({"params": params, "batch_stats": stats}, xs, use_running_average=False,
-                                  mutable=["batch_stats"])
-                return y, jax.lax.pmean(upd["batch_stats"], step_lib.AXIS)
-
-            f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(step_lib.AXIS),
-                                      out_specs=(P(step_lib.AXIS), P()), check_vma=False))
-            y, new_stats = f(x)
+            y, new_stats = _bn_on_devices(cls(momentum=0.9, epsilon=1e-5, axis_name=axis), params, stats, x, mesh)
             _put(arrays, f"layer/{impl}/{mode}/y", y)
             _put(arrays, f"layer/{impl}/{mode}/stats", new_stats)
 
@@ -128,15 +133,7 @@ def ghost_check(ndev, out):
               "fast_unbiased": functools.partial(fastops.BatchNorm, unbiased_running_var=True)}
     for name, cls in layers.items():
         bn = cls(momentum=0.9, epsilon=1e-5, axis_name=step_lib.AXIS, group_size=GHOST)
-
-        def per_device(xs, bn=bn):
-            y, upd = bn.apply({"params": params, "batch_stats": stats}, xs, use_running_average=False,
-                              mutable=["batch_stats"])
-            return y, jax.lax.pmean(upd["batch_stats"], step_lib.AXIS)
-
-        f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(step_lib.AXIS),
-                                  out_specs=(P(step_lib.AXIS), P()), check_vma=False))
-        y, new_stats = f(x)
+        y, new_stats = _bn_on_devices(bn, params, stats, x, mesh)
         _put(arrays, f"layer/{name}/y", y)
         _put(arrays, f"layer/{name}/stats", new_stats)
 

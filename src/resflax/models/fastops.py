@@ -211,10 +211,7 @@ class BatchNorm(nn.Module):
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
         ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         features = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,))
-        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        ra_mean, ra_var, scale, bias = _bn_variables(self, features)
         dtype = self.dtype or jnp.result_type(x, scale)
         x = x.astype(dtype)
         if ura:
@@ -244,6 +241,15 @@ class BatchNorm(nn.Module):
         return y
 
 
+def _bn_variables(bn: nn.Module, features: int):
+    """(running mean, running var, scale, bias) of a BatchNorm module, under ``nn.BatchNorm``'s names and
+    initial values: what both ``BatchNorm`` and ``FlaxBatchNorm``'s groups path declare."""
+    ra_mean = bn.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))
+    ra_var = bn.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,))
+    return (ra_mean, ra_var, bn.param("scale", bn.scale_init, (features,), bn.param_dtype),
+            bn.param("bias", bn.bias_init, (features,), bn.param_dtype))
+
+
 class FlaxBatchNorm(nn.BatchNorm):
     """``nn.BatchNorm`` (impl "flax") with ``fastops.BatchNorm``'s ``group_size``: without one it is
     ``nn.BatchNorm`` itself; with one, training normalises each group (``bn_groups``) by plain jnp operations
@@ -259,10 +265,7 @@ class FlaxBatchNorm(nn.BatchNorm):
             return super().__call__(x, ura)
         groups, axis_name, index_groups = bn_groups(x.shape[0], self.group_size, self.axis_name)
         features = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,))
-        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        ra_mean, ra_var, scale, bias = _bn_variables(self, features)
         dtype = self.dtype or jnp.result_type(x, scale)
         xg, axes = _split(x.astype(jnp.float32), groups)
         mean, mean_sq = jnp.mean(xg, axes), jnp.mean(jnp.square(xg), axes)
