@@ -55,8 +55,8 @@ def test_bn_stats_writes_a_new_run_with_the_average_of_n_training_batches(pristi
         assert rc == 0, capsys.readouterr().err
         assert f"averaged over {BATCHES} training batches" in capsys.readouterr().out
         assert tree_snapshot(src) == before  # the source run is untouched
-        config, _, old = evaluate.restore(src)
-        _, _, new = evaluate.restore(out)
+        config, _, old = evaluate.restore(src, whole=True)
+        _, _, new = evaluate.restore(out, whole=True)
         want = _direct(config, to_host(old), BATCHES)
     old, new = to_host(old), to_host(new)
     assert int(new.step) == int(old.step) == 6

@@ -18,7 +18,7 @@ from test_restore import _cli
 
 from resflax import cli, configs, weights
 from resflax.analysis import report, responses
-from resflax.train import evaluate, transfer
+from resflax.train import evaluate, tasks, transfer
 
 
 def disk_state(root: Path) -> dict[str, tuple]:
@@ -53,7 +53,7 @@ def _boom(*a, **k):
 
 # command -> (the module and name of something the command calls after it opened the run, argv)
 FAULTS = {
-    "eval": (evaluate, "to_host", lambda w, t: ["eval", f"--workdir={w}"]),  # after the test set was evaluated
+    "eval": (tasks.CifarTask, "close", lambda w, t: ["eval", f"--workdir={w}"]),  # after the test set was evaluated
     "responses": (responses, "response_stds", lambda w, t: ["responses", "--workdir", str(w), "--max_images", "8"]),
     "report": (report, "table6_markdown", lambda w, t: ["report", str(w), "--out", str(t / "report")]),
     "export": (weights, "check_variant", lambda w, t: ["export", f"--workdir={w}", f"--out={t / 'w.safetensors'}"]),
@@ -81,7 +81,7 @@ def test_an_internal_error_writes_nothing_in_the_workdir(command, run, tmp_path,
 
 
 def test_an_unwritable_cache_folder_only_loses_the_log(run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "to_host", _boom)
+    monkeypatch.setattr(tasks.CifarTask, "close", _boom)
     (tmp_path / "not_a_folder").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not_a_folder"))
     before = disk_state(run)

@@ -104,14 +104,26 @@ def test_damage_classification():
         assert checkpoint.classify_restore_error(e) == "io"
 
 
-@pytest.mark.parametrize("how", ["garbage", "meta"])
+@pytest.mark.parametrize("how", ["garbage", "meta", "truncate", "optimizer"])
 def test_eval_skips_damage_read_only_and_train_still_handles_it(tmp_path, pristine, capsys, how):
     """eval on a workdir whose newest checkpoint is damaged, while a training run holds the workdir and an
     Orbax temporary directory (a save in progress) is present: it evaluates checkpoint 3, says it skipped 6,
-    and changes nothing. A later train still finds 6 damaged, sets it aside and ends with the same digest."""
+    and changes nothing. A later train still finds 6 damaged, sets it aside and ends with the same digest.
+
+    A reader reads only the network's variables (checked against the state digest written with them): damage
+    outside them ("optimizer": the whole state's digest no longer matches, the variables' still does) does not
+    stop it, and it evaluates 6 with the run's digest; training, which restores the whole state, sets 6 aside.
+    Where "garbage" (256 bytes in the middle of the largest file) lands depends on Orbax's file layout: either
+    6 is skipped, or its variables were untouched and it is evaluated with the run's digest."""
     src, want = pristine
     w = _copy(pristine, tmp_path)
-    damage(w / "checkpoints" / "6", how)
+    if how == "optimizer":
+        meta = w / "checkpoints" / "6" / "meta" / "metadata"
+        m = json.loads(meta.read_text())
+        m["tree_digest"] = "0" * 64
+        meta.write_text(json.dumps(m))
+    else:
+        damage(w / "checkpoints" / "6", how)
     in_progress = w / "checkpoints" / "9.orbax-checkpoint-tmp-1234567890"
     shutil.copytree(w / "checkpoints" / "3", in_progress)
     before = tree_snapshot(w)
@@ -124,9 +136,13 @@ def test_eval_skips_damage_read_only_and_train_still_handles_it(tmp_path, pristi
     assert rc == 0, err
     lines = out.strip().splitlines()
     warnings = [ln for ln in lines if ln.startswith("WARNING")]
-    assert len(warnings) == 1 and "checkpoint 6 is damaged" in warnings[0] and "left in place" in warnings[0]
     r = json.loads(lines[-1])
-    assert r["step"] == 3 and r["skipped_damaged"] == [6] and r["test_examples"] == 64
+    if how == "optimizer" or (how == "garbage" and r["step"] == 6):
+        assert not warnings and r["skipped_damaged"] == [] and r["state_digest"] == want, (warnings, r)
+    else:
+        assert len(warnings) == 1 and "checkpoint 6 is damaged" in warnings[0] and "left in place" in warnings[0]
+        assert r["step"] == 3 and r["skipped_damaged"] == [6]
+    assert r["test_examples"] == 64
     assert tree_snapshot(w) == before and not (w / "checkpoints_damaged").exists()
     # responses is read-only too
     rc, out, err = _cli(["responses", "--workdir", str(w), "--out", str(tmp_path / "out"), "--max_images", "8"],
@@ -224,3 +240,50 @@ def test_bad_input_rows_are_exit_2_one_line(tmp_path, capsys):
         rc, out, err = _cli(argv, capsys)
         assert rc == 2 and len(err) == 1 and msg in err[0], (argv, err)
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def _refit(w, **keys):
+    """The run's config.json with ``keys`` changed (a hand edit, or another resflax's defaults)."""
+    f = w / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **keys}))
+
+
+@pytest.mark.parametrize(("keys", "what", "commands"), [
+    # projections the checkpoint does not hold
+    ({"shortcut": "B"}, "Could not find parameter", ("eval", "predict", "export")),
+    # a head of another shape (eval takes the number of classes from the dataset, so only the others see it)
+    ({"num_classes": 7}, "expected to generate shape", ("predict", "export")),
+])
+def test_readers_refuse_variables_that_do_not_fit_the_network(tmp_path, pristine, capsys, keys, what, commands):
+    """A reader takes the variables in the checkpoint's own tree and checks them against the network its config
+    builds, by tracing its forward pass: eval, predict and export stop in one line naming what does not fit
+    (exit 2), and nothing is moved."""
+    from PIL import Image  # noqa: PLC0415
+
+    w = _copy(pristine, tmp_path)
+    _refit(w, **keys)
+    Image.new("RGB", (32, 32)).save(tmp_path / "img.png")
+    before = tree_snapshot(w)
+    argvs = {"eval": ["eval", f"--workdir={w}"], "predict": ["predict", f"--workdir={w}", str(tmp_path / "img.png")],
+             "export": ["export", f"--workdir={w}", f"--out={tmp_path / 'w.safetensors'}"]}
+    for argv in (argvs[c] for c in commands):
+        rc, out, err = _cli(argv, capsys)
+        assert rc == 2 and len(err) == 1, (argv, err)
+        assert "checkpoint 6 in" in err[0] and "do not fit the network its config builds" in err[0], err
+        assert what in err[0] and "nothing was moved" in err[0], err
+    assert tree_snapshot(w) == before and not (tmp_path / "w.safetensors").exists()
+
+
+def test_readers_refuse_variables_the_network_does_not_use(tmp_path, capsys):
+    """Option B's projections read by an option-A network (config.json edited): Flax would ignore them and
+    the predictions would be another network's; refused in one line naming one of them."""
+    from test_train import tiny_config  # noqa: PLC0415
+
+    w = tmp_path / "b"
+    with mock():
+        loop.train_and_evaluate(tiny_config(shortcut="B", num_steps=1, checkpoint_every_steps=1,
+                                            eval_every_steps=0), str(w))
+    _refit(w, shortcut="A")
+    rc, out, err = _cli(["eval", f"--workdir={w}"], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "do not fit the network" in err[0] and " unused, e.g. [" in err[0] and "['shortcut']" in err[0], err

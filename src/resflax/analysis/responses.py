@@ -118,7 +118,7 @@ def run_responses(workdir: str | Path, data_dir: str | None = None, max_images: 
     images = data.test.images[:max_images] if max_images else data.test.images
     model = run.model.clone(bn_axis_name=None)  # eval mode never averages statistics across devices
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return {"run": str(workdir), "model": config.model, "step": int(jax.device_get(state.step)),
+    return {"run": str(workdir), "model": config.model, "step": state.step,
             "images": len(images), "data_dir": data.data_dir,
             "layers": response_stds(model, variables, images, data.mean, batch_size)}
 

@@ -20,12 +20,14 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from resflax.data.files import save_atomically
 from resflax.data.integrity import DamagedData, check_files
 from resflax.errors import DataError
+from resflax.lazy import LazyModule
 from resflax.quiet import quiet_absl
+
+tfds = LazyModule("tensorflow_datasets")  # imported when a dataset is first opened
 
 NAME = "cifar10"
 NUM_CLASSES = 10

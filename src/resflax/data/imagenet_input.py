@@ -34,13 +34,16 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-import grain
-import grain.multiprocessing
 import numpy as np
 from absl import flags
 
 from resflax.data import imagenet
 from resflax.data.sharding import Stream, eval_examples, eval_steps
+from resflax.lazy import LazyModule
+
+# imported when a loader is first built
+grain = LazyModule("grain")
+grain_mp = LazyModule("grain.multiprocessing")
 
 
 class TrainExample:
@@ -126,7 +129,7 @@ def exit_with_parent(parent: int, *_worker) -> None:
 def _release_names(leaf):
     """A batch array in shared memory: unlink its name now (the mapping stays valid until the array is
     freed) and tell grain not to unlink it again when the array is freed."""
-    if isinstance(leaf, grain.multiprocessing.SharedMemoryArray) and getattr(leaf, "shm", None) is not None:
+    if isinstance(leaf, grain_mp.SharedMemoryArray) and getattr(leaf, "shm", None) is not None:
         if getattr(leaf, "_unlink_on_del", False):
             leaf._unlink_on_del = False
             leaf.shm.unlink()  # also unregisters it from multiprocessing's resource tracker
@@ -169,7 +172,7 @@ class Batches(Iterator):
 
     def close(self) -> None:
         self._it.close()  # stops the workers; batches still buffered are freed, their unlinks queued
-        pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+        pool = getattr(grain_mp.SharedMemoryArray, "_del_thread_pool", None)
         if pool is not None:  # one thread, first in first out: once this no-op ran, the unlinks before it did
             try:
                 pool.apply_async(_noop).wait(timeout=10)

@@ -31,14 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
-from tensorflow_datasets.core import read_only_builder, registered
 
 from resflax.data import imagenet
 from resflax.data.cifar10 import candidate_dirs
 from resflax.data.integrity import DamagedData, check_files
 from resflax.errors import DataError
+from resflax.lazy import LazyModule
 from resflax.quiet import quiet_absl
+
+# imported when a dataset is first opened
+tfds = LazyModule("tensorflow_datasets")
+read_only_builder = LazyModule("tensorflow_datasets.core.read_only_builder")
+registered = LazyModule("tensorflow_datasets.core.registered")
 
 IMAGENET = "imagenet2012"
 TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")

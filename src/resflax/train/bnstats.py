@@ -49,7 +49,8 @@ def recompute(workdir: str | Path, out: str | Path, batches: int, data_dir: str 
     config = evaluate.load_config(workdir)
     if data_dir:
         config.data_dir = data_dir
-    config, _, state = evaluate.restore(workdir, config, purpose="recompute BatchNorm statistics for")
+    config, _, state = evaluate.restore(workdir, config, purpose="recompute BatchNorm statistics for",
+                                     whole=True)
     if not jax.tree_util.tree_leaves(state.batch_stats):
         raise BadInput(f"{config.model} has no BatchNorm statistics")
     step = int(to_host(state.step))

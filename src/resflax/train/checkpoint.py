@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -45,6 +46,10 @@ from resflax.train.state import tree_digest
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "Checkpointer", "Damaged", "RestoreError", "classify_restore_error"]
+
+
+# What a reader of a run needs of its state: the network's variables (``Checkpointer.restore_latest(None)``)
+VARIABLES = ("params", "batch_stats")
 
 
 class Damaged(Exception):
@@ -219,9 +224,44 @@ class Checkpointer:
             raise Damaged("contents differ from the digest written with them")
         return state, meta
 
+    def _restore_variables(self, step: int) -> tuple[dict, dict]:
+        """``({"step", "params", "batch_stats"}, meta)`` of checkpoint ``step``: only the network's variables and
+        the step, read as host (NumPy) arrays in the tree the checkpoint's own metadata lists (nothing traced),
+        then checked against the ``state_digest`` written with them (paths, dtypes, shapes and bytes)."""
+        step_dir = self.dir / str(step)
+        try:
+            meta = json.loads((step_dir / "meta" / "metadata").read_text())
+        except (FileNotFoundError, ValueError) as e:
+            raise Damaged(f"unreadable meta/metadata ({_first_line(e)})") from None
+        want = meta.get("state_digest") if isinstance(meta, dict) else None
+        if not want:  # every checkpoint resflax writes has one (train, import, bn-stats)
+            raise RestoreError(f"checkpoint {step} in {self.dir} has no state_digest in its meta: not a resflax "
+                               "checkpoint; nothing was moved")
+        item: dict = {"params": {}, "batch_stats": {}}
+        for path in _stored_paths(step_dir):
+            if path[0] in VARIABLES:
+                node = item[path[0]]
+                for k in path[1:-1]:
+                    node = node.setdefault(k, {})
+                node[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+            elif path == ("step",):
+                item["step"] = ocp.RestoreArgs(restore_type=np.ndarray)
+        if "step" not in item:
+            raise Damaged("no step in the state")
+        out = ocp.PyTreeCheckpointer().restore(
+            step_dir / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=item, partial_restore=True))
+        inner = int(out["step"])
+        if inner != step:
+            raise Damaged(f"step inside checkpoint is {inner}, not {step}")
+        variables = {k: out.get(k, {}) for k in VARIABLES}
+        if tree_digest(variables) != want:
+            raise Damaged("contents differ from the digest written with them")
+        return {"step": inner, **variables}, meta
+
     def restore_latest(self, abstract_state: Any, max_step: int | None = None) -> tuple[Any, dict] | None:
         """The newest checkpoint (at most ``max_step``) that restores cleanly, as ``(state, meta)``; ``None`` if
-        there is none.
+        there is none. With ``abstract_state=None``, only the network's variables (``_restore_variables``:
+        ``{"step", "params", "batch_stats"}`` as host arrays), which is all a reader needs.
 
         A damaged checkpoint is set aside (or, read-only, skipped) and the previous one tried; any other
         failure raises ``RestoreError`` with every checkpoint left in place."""
@@ -229,6 +269,8 @@ class Checkpointer:
             if max_step is not None and step > max_step:
                 continue
             try:
+                if abstract_state is None:
+                    return self._restore_variables(step)
                 return self._restore(step, abstract_state)
             except RestoreError:
                 raise

@@ -19,15 +19,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 
-from resflax.errors import BadInput
+from resflax.errors import BadInput, RestoreError
 from resflax.train import build, protocols, tasks
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 from resflax.train.checkpoint import Checkpointer
-from resflax.train.distributed import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +80,41 @@ def read(config: ml_collections.ConfigDict, locate_data: bool = True) -> ReadPla
     return ReadPlan(model, mesh, data_dir)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunVariables:
+    """What a reader takes from a checkpoint: its step, the network's variables (replicated over the read plan's
+    mesh), their ``state_digest`` (checked against the one written with them) and the network's forward pass on
+    them, traced for one image when they were checked against it (``trace_forward``; ``resflax predict``
+    compiles it)."""
+
+    step: int
+    params: Any
+    batch_stats: Any
+    digest: str
+    forward: Any = None
+
+
 def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None, num_devices: int = 0,
-            skipped: list[int] | None = None, locate_data: bool = True, purpose: str = "evaluate"):
-    """(config, ``ReadPlan``, state) of the latest good checkpoint in ``workdir``, read-only; the steps of
+            skipped: list[int] | None = None, locate_data: bool = True, purpose: str = "evaluate",
+            whole: bool = False):
+    """(config, ``ReadPlan``, variables) of the latest good checkpoint in ``workdir``, read-only; the steps of
     damaged checkpoints passed over are appended to ``skipped``. Without a checkpoint: ``BadInput`` saying
-    that there is none to ``purpose``."""
+    that there is none to ``purpose``.
+
+    The variables are a ``RunVariables``: only the parameters and BN statistics are read (as host arrays, in the
+    checkpoint's own tree: nothing traced to restore them), checked against the checkpoint's state digest and
+    then against the network (``trace_forward``: a ``RestoreError`` if they do not fit it). ``whole=True``:
+    the whole train state (``TrainState``, as training restores it: its shapes from ``state.abstract_state``),
+    for a reader that writes a new run from it (``resflax bn-stats``)."""
     config = config or load_config(workdir)
     config.num_devices = num_devices
     if not locate_data and "num_classes" in config and not config.num_classes:
         config.num_classes = _saved_num_classes(workdir)  # the dataset's, recorded with the checkpoints
     p = read(config, locate_data)
-    # shapes only (no eager initialisation: restoring needs the tree, not its values)
-    abstract = state_lib.abstract_state(p.model, state_lib.optimizer(config), config.seed, tasks.image_shape(config),
-                                        config.warmup, p.mesh)
+    abstract = None
+    if whole:  # shapes only (no eager initialisation: restoring needs the tree, not its values)
+        abstract = state_lib.abstract_state(p.model, state_lib.optimizer(config), config.seed,
+                                            tasks.image_shape(config), config.warmup, p.mesh)
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         restored = ckpt.restore_latest(abstract)
@@ -101,7 +124,41 @@ def restore(workdir: str | Path, config: ml_collections.ConfigDict | None = None
         skipped.extend(ckpt.skipped)
     if restored is None:
         raise BadInput(f"{workdir} has no checkpoint to {purpose}")
-    return config, p, restored[0]
+    if whole:
+        return config, p, restored[0]
+    host, meta = restored
+    v = RunVariables(host["step"], *step_lib.replicate((host["params"], host["batch_stats"]), p.mesh),
+                     meta["state_digest"])
+    return config, p, dataclasses.replace(v, forward=trace_forward(p.model, v, tasks.image_shape(config),
+                                                                     str(workdir)))
+
+
+def trace_forward(model, v: RunVariables, image_shape, where: str, batch: int = 1) -> jax.stages.Traced:
+    """The network's evaluation forward pass (logits of ``batch`` images of ``image_shape``, float32) on ``v``'s
+    variables, traced (not compiled): how a reader checks that a checkpoint's variables fit the network built
+    from its config. A missing or misshapen variable (Flax's error while tracing) or one the network does not
+    use raises ``RestoreError`` naming it; nothing is moved."""
+    variables = {"params": v.params, "batch_stats": v.batch_stats}
+    forward = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+    x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+
+    def refused(what: str) -> RestoreError:
+        return RestoreError(f"checkpoint {v.step} in {where} holds variables that do not fit the network its "
+                            f"config builds ({what}): written by another version of resflax or for another "
+                            "model; nothing was moved")
+
+    try:
+        traced = forward.trace(variables, x)
+    except flax.errors.FlaxError as e:
+        raise refused(str(e).splitlines()[0].split(" (https://")[0]) from e
+    jaxpr = traced.jaxpr.jaxpr
+    used = {id(a) for eqn in jaxpr.eqns for a in eqn.invars} | {id(a) for a in jaxpr.outvars}
+    paths = jax.tree_util.tree_flatten_with_path(variables)[0]
+    unused = [jax.tree_util.keystr(path) for (path, _), var in zip(paths, jaxpr.invars, strict=False)
+              if id(var) not in used]
+    if unused:
+        raise refused(f"{len(unused)} unused, e.g. {unused[0]}")
+    return traced
 
 
 def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, protocol: str = "center",
@@ -129,7 +186,7 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, protocol:
                                             std=task.std_host).run(state)
     finally:
         task.close()
-    step = int(to_host(state.step))
+    step = state.step
     out = {"workdir": str(workdir), "model": config.model, "step": step, "protocol": protocol,
            "test_error": r["error"]}
     if "loss" in r:
@@ -137,7 +194,7 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, protocol:
     out["test_examples"] = r["count"]
     if "top5_error" in r:
         out["test_top5_error"] = r["top5_error"]
-    out = {**out, "state_digest": state_lib.state_digest(to_host(state)), "skipped_damaged": skipped}
+    out = {**out, "state_digest": state.digest, "skipped_damaged": skipped}
     if record and jax.process_index() == 0:
         line = {"step": step, "event": "eval", "protocol": protocol, "error": out["test_error"],
                 "top5_error": out.get("test_top5_error"), "count": out["test_examples"]}

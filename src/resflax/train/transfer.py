@@ -323,7 +323,7 @@ def export_weights(workdir: str | Path, out: str | Path, layout: str | None = No
         weights.write_state_dict(sd, out)
     except (OSError, SafetensorError) as e:  # safetensors' own error for a file it cannot create
         raise WriteError(f"cannot write {out}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    return {"workdir": str(workdir), "out": str(out), "layout": layout, "step": int(to_host(state.step)),
+    return {"workdir": str(workdir), "out": str(out), "layout": layout, "step": state.step,
             "tensors": len(sd)}
 
 
@@ -349,8 +349,9 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         size = cfg.size
     mean = _mean(config, size)
     std = np.asarray(config.std, np.float32) if config.get("std") else None
-    # one compiled program (kept in the compilation cache), not one per operation of an eager forward pass
-    forward = jax.jit(lambda v, x: jax.nn.softmax(run.model.apply(v, x, train=False)))
+    # one compiled program (kept in the compilation cache), not one per operation of an eager forward pass: the
+    # forward pass evaluate.restore traced when it checked the variables against the network
+    forward = state.forward.lower().compile()
     out = []
     for f in images:
         data = Path(f).read_bytes()
@@ -368,7 +369,9 @@ def predict(workdir: str | Path, images: list[str], top: int = 5) -> list[dict[s
         x = crop[None].astype(np.float32) / 255 - mean
         if std is not None:
             x = x / std
-        probs = np.asarray(forward(variables, x))[0]
+        logits = np.asarray(forward(variables, x), np.float64)[0]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
         best = np.argsort(-probs, kind="stable")[:top]
         out.append({"image": str(f), "top": [{"class": int(i), "name": names[i] if names else None,
                                                "probability": float(probs[i])} for i in best]})
