@@ -132,43 +132,36 @@ def _predict_phases(workdir: str, photo: str) -> None:
         print(f"{name} {now - t[0]:.3f}", flush=True)
         t[0] = now
 
-    import jax  # noqa: PLC0415 (the phases are the point: each import is timed)
+    import jax  # noqa: PLC0415, F401 (the phases are the point: each import is timed)
     lap("import jax")
     from resflax import xla  # noqa: PLC0415
     xla.compilation_cache()
     lap("compilation cache on")
-    from resflax.train import evaluate, tasks  # noqa: PLC0415
-    from resflax.train import state as state_lib  # noqa: PLC0415
+    from resflax.train import evaluate, tasks, transfer  # noqa: PLC0415, F401 (transfer: predict's own imports)
+    from resflax.train import step as step_lib  # noqa: PLC0415
     from resflax.train.checkpoint import Checkpointer  # noqa: PLC0415
-    from resflax.train.distributed import to_host  # noqa: PLC0415
-    lap("import resflax.train (flax, optax, orbax, tfds, grain)")
+    lap("import resflax's predict (flax, optax, orbax)")
     config = evaluate.load_config(workdir)
     config.num_devices = 0
     run_plan = evaluate.read(config, locate_data=False)
     lap("config, model, mesh")
-    abstract = state_lib.abstract_state(run_plan.model, state_lib.optimizer(config), config.seed,
-                                        tasks.image_shape(config), config.warmup, run_plan.mesh)
-    lap("abstract state (jax.eval_shape of init)")
     ckpt = Checkpointer(workdir, read_only=True)
-    step = ckpt.steps()[-1]
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             meta=ocp.args.JsonRestore()))
-    state = jax.block_until_ready(out["state"])
-    lap("Orbax restore (params, batch stats, momentum)")
-    state_lib.tree_digest(to_host(state))
-    lap("checkpoint digest check (SHA-256 of the state)")
+    host, meta = ckpt.restore_latest(None)
     ckpt.close()
+    lap("Orbax read of the variables (NumPy) + digest check")
+    v = evaluate.RunVariables(host["step"], *step_lib.replicate((host["params"], host["batch_stats"]),
+                                                                run_plan.mesh), meta["state_digest"])
+    lap("variables onto the device")
+    traced = evaluate.trace_forward(run_plan.model, v, tasks.image_shape(config), workdir)
+    lap("trace the forward pass (checks the variables)")
     from resflax.data import imagenet  # noqa: PLC0415
     x = imagenet.eval_crop(Path(photo).read_bytes(), tasks.preprocess(config))[None].astype(np.float32) / 255
     lap("decode and crop the photo")
-    forward = jax.jit(lambda v, x: jax.nn.softmax(run_plan.model.apply(v, x, train=False)))
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    lowered = forward.lower(variables, x)
-    lap("trace and lower the forward pass")
+    lowered = traced.lower()
+    lap("lower")
     compiled = lowered.compile()
     lap("compile (a cache hit when warm)")
-    np.asarray(compiled(variables, x))
+    np.asarray(compiled({"params": v.params, "batch_stats": v.batch_stats}, x))
     lap("run the forward pass")
 
 

@@ -18,7 +18,7 @@ from test_restore import _cli
 
 from resflax import cli, configs, weights
 from resflax.analysis import report, responses
-from resflax.train import evaluate, tasks, transfer
+from resflax.train import tasks, transfer
 
 
 def disk_state(root: Path) -> dict[str, tuple]:
