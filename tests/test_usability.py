@@ -85,13 +85,13 @@ def test_resume_on_another_device_count_is_stated(tmp_path, capsys, pristine):
 @pytest.fixture
 def signalled(monkeypatch):
     """A SIGTERM/SIGINT that arrived before the first step (the loop's preemption flag set on entry)."""
-    orig = loop._Preemption.__enter__
+    orig = loop.Interrupts.__enter__
 
     def enter(self):
         orig(self)
         self.requested = True
         return self
-    monkeypatch.setattr(loop._Preemption, "__enter__", enter)
+    monkeypatch.setattr(loop.Interrupts, "__enter__", enter)
 
 
 def test_signal_before_the_first_step_claims_no_checkpoint(tmp_path, capsys, signalled):

@@ -35,6 +35,7 @@ from resflax.train import evaluate, loop, tasks, transfer
 from resflax.train import state as state_lib
 from resflax.train import workdir as wd
 from resflax.train.distributed import to_host
+from resflax.train.interrupts import Interrupts
 
 
 def recompute(workdir: str | Path, out: str | Path, batches: int, data_dir: str | None = None,
@@ -46,6 +47,11 @@ def recompute(workdir: str | Path, out: str | Path, batches: int, data_dir: str 
     if wd.population_members(workdir) is not None:
         raise BadInput(f"{workdir} is a population: give one member's directory ({workdir}/members/NAME)")
     path = transfer.new_run_dir(out)  # refused before anything is read, locked or written
+    with Interrupts(defer=False) as interrupts:  # nothing written until write_run: a signal stops it at once
+        return _recompute(workdir, path, batches, data_dir, say, interrupts)
+
+
+def _recompute(workdir, path: Path, batches: int, data_dir, say, interrupts: Interrupts) -> dict[str, Any]:
     config = evaluate.load_config(workdir)
     if data_dir:
         config.data_dir = data_dir
@@ -74,5 +80,6 @@ def recompute(workdir: str | Path, out: str | Path, batches: int, data_dir: str 
               "images": batches * config.batch_size, "augmentation": "training",
               "bn_group_size": config.get("bn_group_size") or 0}
     meta = {k: v for k, v in meta.items() if k not in ("tree_digest", "config", "state_digest")}
-    digest = transfer.write_run(path, config, host0.replace(batch_stats=mean), {**meta, "bn_stats": record}, p.mesh)
+    digest = transfer.write_run(path, config, host0.replace(batch_stats=mean), {**meta, "bn_stats": record},
+                                p.mesh, interrupts)
     return {"workdir": str(path), "model": config.model, "state_digest": digest, **record}

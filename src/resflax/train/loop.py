@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from resflax.train import step as step_lib
 from resflax.train import workdir as wd
 from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
+from resflax.train.interrupts import Interrupts
 
 
 @dataclasses.dataclass
@@ -86,31 +86,6 @@ def _all_finite(host_tree) -> bool:
     return all(bool(np.all(np.isfinite(x))) for x in jax.tree_util.tree_leaves(host_tree))
 
 
-class _Preemption:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit cleanly; a second signal gives up at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: give up at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the run in ``workdir``: its K >= 1 members (``train.members``) in this one loop.
 
@@ -142,7 +117,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, start_o
     is_main = jax.process_index() == 0
     path = wd.prepare(workdir)
     locks = [wd.Lock(path)] if is_main else []
-    with _Preemption() as pre:
+    with Interrupts() as pre:  # the first signal: checkpoint after this step, then stop
         try:
             failed: BaseException | None = None
             if is_main:
@@ -196,7 +171,7 @@ def _record_resumption(writers: list, say, config, start: int, changes: dict, de
     say(f"note: resumed on {devices} devices, checkpoint {start} was written on {devices_before}; " + consequence)
 
 
-def _run(config, cfg_dict, p: Plan, mem: members_lib.Members, pre: _Preemption) -> dict[str, Any]:
+def _run(config, cfg_dict, p: Plan, mem: members_lib.Members, pre: Interrupts) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     say = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
     path = mem.root
@@ -223,7 +198,7 @@ def _run(config, cfg_dict, p: Plan, mem: members_lib.Members, pre: _Preemption) 
         task.close()
 
 
-def _train(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, changes, alive: list[bool],
+def _train(config, p: Plan, mem: members_lib.Members, pre: Interrupts, task, changes, alive: list[bool],
            say) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     tx_fn = state_lib.optimizer(config)
@@ -252,7 +227,7 @@ def _train(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, ch
         raise
 
 
-def _loop(config, p: Plan, mem: members_lib.Members, pre: _Preemption, task, changes, alive: list[bool], say,
+def _loop(config, p: Plan, mem: members_lib.Members, pre: Interrupts, task, changes, alive: list[bool], say,
           is_main: bool, tx, inits, abstract, ckpts, writers) -> dict[str, Any]:
     K, mesh = mem.K, p.mesh
     restored, metas = mem.restore(ckpts, abstract, alive)

@@ -7,8 +7,11 @@ An import is atomic: the run is built beside the target (``DIR.importing-<pid>``
 checkpoint, waited for until Orbax's asynchronous save is complete) and renamed to ``DIR`` in one
 ``rename(2)``, so ``DIR`` holds a complete run or nothing, whenever the import is killed. A build left by a
 killed import is removed by the next import into ``DIR`` once its process is gone (its ``.lock``'s flock is
-free and its pid no longer runs). ``DIR`` must not exist or be an empty directory, checked before anything
-is read or written: a refused import touches nothing in an existing run, not even its ``.lock``.
+free and its pid no longer runs). SIGTERM and SIGINT (``train.interrupts``) stop an import at once while it only
+reads; while it writes, the save in flight completes and then the build is removed (twice, the same; a third
+stops at once, as a kill does): exit 130 and ``DIR`` as it was. ``DIR`` must not exist or be an empty
+directory, checked before anything is read or written: a refused import touches nothing in an existing run, not
+even its ``.lock``.
 
 The preprocessing travels with the weights: an import records in the run's config how the weights' source
 evaluated them (``SOURCES``, ``timm_preprocessing``): the filter, the resize and crop sizes, the per-channel mean
@@ -44,6 +47,7 @@ from resflax.train import step as step_lib
 from resflax.train import workdir as wd
 from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
+from resflax.train.interrupts import Interrupts
 
 TORCH_STD = (0.229, 0.224, 0.225)
 TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -143,8 +147,12 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     setting (``NETWORK_KEYS``: v1 with ``stride_on_3x3=False``, a shortcut option, option A's ``pad_layout``)
     used instead of the layout's default and recorded in the run's config like every setting."""
     layout = layout or ("cifar" if tasks.is_cifar(config) else "torchvision")
-    path = Path(workdir).expanduser().absolute()
-    _refuse_existing(path)  # before anything is read, locked or written
+    path = new_run_dir(workdir)  # refused before anything is read, locked or written
+    with Interrupts(defer=False) as interrupts:  # nothing written yet: a signal stops the import at once
+        return _import(source, config, path, layout, say, timm, given, interrupts)
+
+
+def _import(source, config, path: Path, layout: str, say, timm, given, interrupts: Interrupts) -> dict[str, Any]:
     prep_source, prep = preprocessing(config, layout, timm)
     state_dict = weights.read_state_dict(source)
     kept = {k: config[k] for k in prep if k in given}
@@ -173,27 +181,10 @@ def import_weights(source: str | Path, config: ml_collections.ConfigDict, workdi
     # the rest of the state (optimizer state, step, rng, warm-up) around them in one program, which the
     # compilation cache keeps, instead of one eagerly compiled op per optimizer leaf shape
     state = jax.jit(lambda v: state_lib.init_state(p.model, tx_fn, config.seed, shape, config.warmup, v))(variables)
-    wd.prepare(path.parent)
-    build, lock = _start_build(path)
-    try:
-        cfg = json.loads(config.to_json())
-        wd.write_json_atomic(build / "config.json", cfg)
-        host = to_host(step_lib.replicate(state, p.mesh))
-        digest = state_lib.state_digest(host)  # once: hashing ResNet-50's weights takes ~0.2 s
-        ckpt = Checkpointer(build, keep=config.keep_checkpoints)
-        ckpt.save(0, step_lib.replicate(state, p.mesh),
-                  {"config": cfg, "step": 0, "state_digest": digest, "devices": int(p.mesh.size),
-                   "processes": 1, "num_classes": int(p.model.num_classes),
-                   "imported_from": Path(source).name, "layout": layout,
-                   "preprocessing": {"source": prep_source, **({"timm": timm} if timm is not None else {})}},
-                  host_state=host)
-        ckpt.close()  # waits until the asynchronous save is complete (or raises CheckpointError)
-        _publish(build, path)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)  # a kill -9 leaves it instead: the next import removes it
-        raise
-    finally:
-        lock.release()
+    meta = {"step": 0, "devices": int(p.mesh.size), "processes": 1, "num_classes": int(p.model.num_classes),
+            "imported_from": Path(source).name, "layout": layout,
+            "preprocessing": {"source": prep_source, **({"timm": timm} if timm is not None else {})}}
+    digest = write_run(path, config, to_host(state), meta, p.mesh, interrupts)
     return {"workdir": str(path), "model": config.model, "layout": layout, "tensors": len(state_dict),
             "state_digest": digest, "preprocessing": prep_source}
 
@@ -286,26 +277,40 @@ def new_run_dir(workdir: str | Path) -> Path:
     return path
 
 
-def write_run(path: Path, config: ml_collections.ConfigDict, host_state: Any, meta: dict, mesh) -> str:
+def write_run(path: Path, config: ml_collections.ConfigDict, host_state: Any, meta: dict, mesh,
+              interrupts: Interrupts | None = None) -> str:
     """A new run in ``path`` (``new_run_dir``'s): ``config.json`` and one checkpoint of ``host_state`` at its
     step with ``meta`` (plus the config and the state digest), written beside ``path`` and renamed into place
-    as an import is (atomic). Returns the state digest."""
-    wd.prepare(path.parent)
-    build, lock = _start_build(path)
-    try:
-        cfg = json.loads(config.to_json())
-        wd.write_json_atomic(build / "config.json", cfg)
-        digest = state_lib.state_digest(host_state)
-        ckpt = Checkpointer(build, keep=config.keep_checkpoints)
-        ckpt.save(int(host_state.step), step_lib.replicate(host_state, mesh),
-                  {**meta, "config": cfg, "state_digest": digest}, host_state=host_state)
-        ckpt.close()  # waits until the asynchronous save is complete (or raises CheckpointError)
-        _publish(build, path)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    finally:
-        lock.release()
+    as an import is (atomic). Returns the state digest.
+
+    SIGTERM/SIGINT (``interrupts``: the caller's, else taken in hand here) while it is written are deferred: the
+    save in flight completes, then the build is removed and ``KeyboardInterrupt`` raised (the command exits 130
+    with ``path`` as it was); a second signal exits 130 at once and leaves the build folder, which the next
+    import or ``bn-stats`` into ``path`` removes."""
+    with contextlib.ExitStack() as stack:
+        if interrupts is None:
+            interrupts = stack.enter_context(Interrupts())
+        interrupts.check()  # a signal that came before, its exception lost on the way (interrupts.py)
+        interrupts.defer = interrupts.hard = True
+        wd.prepare(path.parent)
+        build, lock = _start_build(path)
+        interrupts.cleanup = lambda: shutil.rmtree(build, ignore_errors=True)
+        try:
+            cfg = json.loads(config.to_json())
+            wd.write_json_atomic(build / "config.json", cfg)
+            digest = state_lib.state_digest(host_state)  # once: hashing ResNet-50's weights takes ~0.1 s
+            ckpt = Checkpointer(build, keep=config.keep_checkpoints)
+            ckpt.save(int(host_state.step), step_lib.replicate(host_state, mesh),
+                      {**meta, "config": cfg, "state_digest": digest}, host_state=host_state)
+            ckpt.close()  # waits until the asynchronous save is complete (or raises CheckpointError)
+            interrupts.check()
+            _publish(build, path)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)  # a kill -9 leaves it instead: the next import removes it
+            raise
+        finally:
+            interrupts.cleanup = None
+            lock.release()
     return digest
 
 
