@@ -23,8 +23,8 @@ PACKAGE = "resflax"
 # Bottom to top. A module may import modules of its own layer or of a layer below, never of one above. A module
 # belongs to the layer that names it exactly, else to the one whose "PACKAGE.*" entry is the longest match.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["resflax", "resflax.errors", "resflax.quiet", "resflax.lazy", "resflax.xla", "resflax.configs",
-              "resflax.args", "resflax.config_cli"]),
+    ("base", ["resflax", "resflax.errors", "resflax.quiet", "resflax.lazy", "resflax.interrupts", "resflax.xla",
+              "resflax.configs", "resflax.args", "resflax.config_cli"]),
     ("models, data", ["resflax.models", "resflax.models.*", "resflax.data", "resflax.data.*"]),
     ("train", ["resflax.train", "resflax.train.*"]),  # step, state, schedules, tasks, loop, checkpoint, workdir, ...
     ("evaluation, weights", ["resflax.train.evaluate", "resflax.train.protocols", "resflax.train.transfer",

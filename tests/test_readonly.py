@@ -144,3 +144,83 @@ def test_the_user_cache_folder_rule(monkeypatch):
     assert configs.user_cache_dir() == Path("/x/cache/resflax")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert configs.user_cache_dir() == Path(os.path.expanduser("~/.cache/resflax"))
+
+
+# `resflax ARGV` in a fresh process whose transfer.class_names (called by predict after the checkpoint was read)
+# first sends this process a SIGTERM: what a scheduler or `kill` does to a running command
+TERMINATED = ("import os, signal, sys\nfrom resflax import cli\nfrom resflax.train import transfer\n"
+              "names = transfer.class_names\n"
+              "def class_names(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return names(*a, **k)\n"
+              "transfer.class_names = class_names\nsys.exit(cli.main(sys.argv[1:]))\n")
+
+
+def test_sigterm_ends_a_command_as_an_interrupt(run, tmp_path):
+    """SIGTERM is taken as SIGINT is (one line, exit 130), not Python's default death by signal (exit -15, no
+    word); the workdir is untouched."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    before = disk_state(run)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("TFDS_DATA_DIR", None)
+    p = subprocess.run([sys.executable, "-c", TERMINATED, "predict", f"--workdir={run}", str(tmp_path / "img.png")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    assert p.stderr.strip().splitlines()[-1] == "resflax: error: interrupted" and "Traceback" not in p.stderr
+    assert disk_state(run) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_python_drops_still_ends_a_reader(run, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C whose KeyboardInterrupt Python drops (raised in a garbage-collection callback: "Exception ignored")
+    no longer lets the command finish and exit 0: it ends as interrupted (130), and export writes nothing."""
+    import gc  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    def callback(phase, info):
+        gc.callbacks.remove(callback)
+        signal.raise_signal(signal.SIGINT)
+        sum(range(1000))  # the handler runs at the next bytecode: inside this callback
+
+    real = transfer.evaluate.restore
+
+    def restore_then_collect(*a, **k):
+        out = real(*a, **k)
+        gc.callbacks.append(callback)
+        gc.collect()
+        return out
+
+    monkeypatch.setattr(transfer.evaluate, "restore", restore_then_collect)
+    monkeypatch.setattr(weights, "check_variant", lambda *a, **k: None)  # this run's layout is not akamaster's
+    out = tmp_path / "w.safetensors"
+    for argv in (["predict", f"--workdir={run}", str(tmp_path / "img.png")],
+                 ["export", f"--workdir={run}", f"--out={out}"]):
+        rc, _, err = _cli(argv, capsys)
+        assert rc == 130 and err[-1] == "resflax: error: interrupted", (argv[0], rc, err)
+        assert not any("Exception ignored" in line for line in err), err
+    assert not out.exists()
+
+
+def test_export_replaces_a_file_only_when_the_new_one_is_whole(run, tmp_path, capsys, monkeypatch):
+    """export writes beside --out and renames: stopped while writing, the file that was there is intact and no
+    temporary file is left; done, the new file has the permissions any new file gets (umask), not 0600."""
+    from resflax.data import files  # noqa: PLC0415
+
+    monkeypatch.setattr(weights, "check_variant", lambda *a, **k: None)  # this run's layout is not akamaster's
+    out = tmp_path / "w.safetensors"
+    out.write_bytes(b"the user's earlier export")
+    real = files.os.replace
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", stopped)
+    rc, _, err = _cli(["export", f"--workdir={run}", f"--out={out}"], capsys)
+    assert rc == 130 and out.read_bytes() == b"the user's earlier export", (rc, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png", "run", "w.safetensors"]
+    monkeypatch.setattr(files.os, "replace", real)
+    rc, _, err = _cli(["export", f"--workdir={run}", f"--out={out}"], capsys)
+    assert rc == 0, err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~umask) and len(weights.read_state_dict(out)) > 0

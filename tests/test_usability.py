@@ -85,13 +85,13 @@ def test_resume_on_another_device_count_is_stated(tmp_path, capsys, pristine):
 @pytest.fixture
 def signalled(monkeypatch):
     """A SIGTERM/SIGINT that arrived before the first step (the loop's preemption flag set on entry)."""
-    orig = loop.Interrupts.__enter__
+    class Signalled(loop.Interrupts):  # the loop's only (the command line's own Interrupts saw nothing)
+        def __enter__(self):
+            super().__enter__()
+            self.requested = True
+            return self
 
-    def enter(self):
-        orig(self)
-        self.requested = True
-        return self
-    monkeypatch.setattr(loop.Interrupts, "__enter__", enter)
+    monkeypatch.setattr(loop, "Interrupts", Signalled)
 
 
 def test_signal_before_the_first_step_claims_no_checkpoint(tmp_path, capsys, signalled):

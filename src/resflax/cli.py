@@ -22,7 +22,8 @@ trust. Checkpoints are read with Orbax (no pickle).
 
 Exit codes: 0 done (or checkpointed after SIGTERM/SIGINT), 1 internal error (traceback shown and kept in
 WORKDIR/errors.log by train/import, in ~/.cache/resflax/errors/ by the others), 2 bad input / a file that could
-not be written / a checkpoint that could not be restored (one line on stderr), 3 divergence, 130 a second interrupt.
+not be written / a checkpoint that could not be restored (one line on stderr), 3 divergence, 130 interrupted
+(SIGINT/SIGTERM to any other command, or a second one while training stops).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from absl import flags
 
 from resflax import config_cli, xla
 from resflax.errors import INTERNAL_ERROR, BadInput, ResflaxError
+from resflax.interrupts import Interrupts
 
 USAGE = __doc__
 
@@ -158,10 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in AREAS:
         return _fail(f"unknown command {cmd!r}; expected one of {', '.join(AREAS)}")
     try:
-        if cmd in JAX_COMMANDS and not any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
-            xla.compilation_cache()  # before anything compiles (RESFLAX_COMPILATION_CACHE=0: off)
-        run = {"train": cmd_train, "import": cmd_import}.get(cmd) or _commands(AREAS[cmd]).COMMANDS[cmd]
-        return run(rest)
+        # SIGTERM as SIGINT: "interrupted", exit 130 (train, import and bn-stats take them in hand while they write);
+        # an interrupt Python dropped on the way (resflax.interrupts) still ends the command as interrupted
+        with Interrupts(defer=False) as interrupts:
+            if cmd in JAX_COMMANDS and not any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
+                xla.compilation_cache()  # before anything compiles (RESFLAX_COMPILATION_CACHE=0: off)
+            run = {"train": cmd_train, "import": cmd_import}.get(cmd) or _commands(AREAS[cmd]).COMMANDS[cmd]
+            rc = run(rest)
+            interrupts.check()
+            return rc
     except ResflaxError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return e.exit_code

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
+from resflax.data.files import save_atomically
 from resflax.errors import BadInput, DataError
 from resflax.models.vgg import CONFIGS
 
@@ -84,8 +85,11 @@ def _refused_pickle(path: Path, torch_text: str) -> str:
 
 
 def write_state_dict(state: dict[str, np.ndarray], path: str | Path) -> None:
+    """``state`` as a ``.safetensors`` file, written beside ``path`` and renamed into place: a file already at
+    ``path`` stays whole until the new one is complete, whenever the writer is stopped."""
     # (np.ascontiguousarray would make 0-d arrays, e.g. num_batches_tracked, 1-d)
-    save_file({k: np.require(v, requirements="C") for k, v in state.items()}, str(path))
+    data = save({k: np.require(v, requirements="C") for k, v in state.items()})
+    save_atomically(path, lambda f: f.write(data))
 
 
 # ---- the name maps: resflax path -> (torch key, kind) ------------------------------------------------------

@@ -31,11 +31,11 @@ import jax
 import numpy as np
 
 from resflax.errors import BadInput
+from resflax.interrupts import Interrupts
 from resflax.train import evaluate, loop, tasks, transfer
 from resflax.train import state as state_lib
 from resflax.train import workdir as wd
 from resflax.train.distributed import to_host
-from resflax.train.interrupts import Interrupts
 
 
 def recompute(workdir: str | Path, out: str | Path, batches: int, data_dir: str | None = None,

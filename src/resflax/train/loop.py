@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from resflax import configs
 from resflax.errors import BadInput, DivergenceError
+from resflax.interrupts import Interrupts
 from resflax.train import build, distributed, schedules, tasks
 from resflax.train import members as members_lib
 from resflax.train import state as state_lib
@@ -35,7 +36,6 @@ from resflax.train import step as step_lib
 from resflax.train import workdir as wd
 from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
-from resflax.train.interrupts import Interrupts
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ An import is atomic: the run is built beside the target (``DIR.importing-<pid>``
 checkpoint, waited for until Orbax's asynchronous save is complete) and renamed to ``DIR`` in one
 ``rename(2)``, so ``DIR`` holds a complete run or nothing, whenever the import is killed. A build left by a
 killed import is removed by the next import into ``DIR`` once its process is gone (its ``.lock``'s flock is
-free and its pid no longer runs). SIGTERM and SIGINT (``train.interrupts``) stop an import at once while it only
+free and its pid no longer runs). SIGTERM and SIGINT (``resflax.interrupts``) stop an import at once while it only
 reads; while it writes, the save in flight completes and then the build is removed (twice, the same; a third
 stops at once, as a kill does): exit 130 and ``DIR`` as it was. ``DIR`` must not exist or be an empty
 directory, checked before anything is read or written: a refused import touches nothing in an existing run, not
@@ -41,13 +41,13 @@ from resflax import configs, weights
 from resflax.data import cifar10, imagenet, imagenet_source, jpeg
 from resflax.data.files import cache_dir
 from resflax.errors import BadInput, DataError, WorkdirError, WriteError
+from resflax.interrupts import Interrupts, check_interrupted
 from resflax.train import evaluate, loop, tasks
 from resflax.train import state as state_lib
 from resflax.train import step as step_lib
 from resflax.train import workdir as wd
 from resflax.train.checkpoint import Checkpointer
 from resflax.train.distributed import to_host
-from resflax.train.interrupts import Interrupts
 
 TORCH_STD = (0.229, 0.224, 0.225)
 TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -324,6 +324,7 @@ def export_weights(workdir: str | Path, out: str | Path, layout: str | None = No
     weights.check_variant({}, run.model, layout)  # a v1 or append-layout model would load silently and differ
     host = to_host({"params": state.params, "batch_stats": state.batch_stats})
     sd = weights.to_torch(host, run.model, layout)
+    check_interrupted()  # an interrupt that came while reading: nothing written
     try:
         weights.write_state_dict(sd, out)
     except (OSError, SafetensorError) as e:  # safetensors' own error for a file it cannot create

@@ -39,7 +39,14 @@ class Interrupts:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
+        self._old_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         return self
+
+    def _unraisable(self, unraisable) -> None:
+        # the KeyboardInterrupt Python drops (see the module docstring) is recorded: no "Exception ignored" traceback
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and self.requested):
+            self._old_hook(unraisable)
 
     def _handle(self, signum, frame):
         self._count += 1
@@ -70,3 +77,36 @@ class Interrupts:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        sys.unraisablehook = self._old_hook
+
+
+def current() -> Interrupts | None:
+    """The ``Interrupts`` whose handler is installed for SIGINT now (the command line's, or a writer's), if any."""
+    handler = signal.getsignal(signal.SIGINT)
+    owner = getattr(handler, "__self__", None)
+    return owner if isinstance(owner, Interrupts) else None
+
+
+@contextlib.contextmanager
+def deferred():
+    """A block that an interrupt should not cut (a library's read whose threads would report the cut: Orbax's
+    asyncio loop closed under its tensorstore reads prints "Event loop is closed"): the installed ``Interrupts``
+    records a signal instead of raising it, and raises it after the block. Without one installed, nothing."""
+    owner = current()
+    if owner is None:
+        yield
+        return
+    before = owner.defer
+    owner.defer = True
+    try:
+        yield
+    finally:
+        owner.defer = before
+    owner.check()
+
+
+def check_interrupted() -> None:
+    """``KeyboardInterrupt`` if the installed ``Interrupts`` recorded a signal: before a command writes its output."""
+    owner = current()
+    if owner is not None:
+        owner.check()
