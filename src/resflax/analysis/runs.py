@@ -29,8 +29,8 @@ FINAL_TRAIN_FRACTION = 0.05  # "final training error": mean of the records in th
 def portable_path(p: str | os.PathLike) -> str:
     """``p`` as written into generated files (markdown, CSV, figures): no machine-specific absolute paths.
 
-    Under the current directory or at most two ``..`` above it: relative to it (``../shared/tfds`` from
-    ``/work/main``); else under the home directory: ``~/...``; else ``…/`` and its last two components.
+    Under the current directory or at most two ``..`` above it: relative to it (``../shared/tfds`` from a
+    checkout beside ``shared/``); else under the home directory: ``~/...``; else ``…/`` and its last two components.
     Only for what people read: the values the code works with keep their absolute paths.
     """
     s = os.fspath(p)
