@@ -7,9 +7,10 @@ workdir.
 
 ``restore`` is every read path's way into a run (eval, predict, export, responses): config -> model
 (``build.model_from_config``) -> parameters, without the training plan (no training settings checked, no
-learning rate, no train step, no initialisation computed). The checkpoint is restored into the shapes of the
-whole train state (``state.abstract_state``: ``jax.eval_shape``, nothing computed or compiled), because a
-checkpoint's integrity check (every leaf's digest, the tree's paths) covers the whole state.
+learning rate, no train step, no initialisation computed or traced). It reads only the network's variables,
+in the checkpoint's own tree, checks them against the state digest written with them, and then against the
+network by tracing its forward pass once (``trace_forward``, the trace ``predict`` compiles); ``bn-stats``,
+which writes a new run from the whole state, restores that into ``state.abstract_state``'s shapes instead.
 """
 
 from __future__ import annotations
