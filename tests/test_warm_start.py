@@ -27,19 +27,24 @@ CLI = ("import sys, tensorflow_datasets as tfds\nfrom resflax import cli\n"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def _trained(tmp_path_factory, name: str, **config) -> Path:
+    """A tiny run trained on TFDS mock data with ``config``, in a fresh folder ``name``/w."""
     mp = pytest.MonkeyPatch()
     mp.delenv("TFDS_DATA_DIR", raising=False)
     mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-    w = tmp_path_factory.mktemp("run") / "w"
+    w = tmp_path_factory.mktemp(name) / "w"
     try:
         with mock():
-            loop.train_and_evaluate(tiny_config(num_steps=2, lr_boundaries=(1, 2), checkpoint_every_steps=2,
-                                                eval_every_steps=2), str(w))
+            loop.train_and_evaluate(tiny_config(**config), str(w))
     finally:
         mp.undo()
     return w
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _trained(tmp_path_factory, "run", num_steps=2, lr_boundaries=(1, 2), checkpoint_every_steps=2,
+                    eval_every_steps=2)
 
 
 def _env(cache_home: Path, **extra: str) -> dict:
@@ -260,17 +265,8 @@ PLAIN = ("import atexit, sys\nfrom resflax import cli\n"
 @pytest.fixture(scope="module")
 def split_run_dir(tmp_path_factory):
     """A run whose network akamaster's layout can hold (option A's padding split), to export and import."""
-    mp = pytest.MonkeyPatch()
-    mp.delenv("TFDS_DATA_DIR", raising=False)
-    mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-    w = tmp_path_factory.mktemp("split") / "w"
-    try:
-        with mock():
-            loop.train_and_evaluate(tiny_config(num_steps=1, checkpoint_every_steps=1, eval_every_steps=0,
-                                                pad_layout="split"), str(w))
-    finally:
-        mp.undo()
-    return w
+    return _trained(tmp_path_factory, "split", num_steps=1, checkpoint_every_steps=1, eval_every_steps=0,
+                    pad_layout="split")
 
 
 def test_readers_of_imported_weights_import_no_data_library(split_run_dir, tmp_path):
