@@ -136,6 +136,15 @@ def _stored_paths(step_dir: Path) -> set[tuple[str, ...]]:
         raise Damaged(f"unreadable {meta_file.relative_to(step_dir)} ({_first_line(e)})") from None
 
 
+def _read_meta(step_dir: Path) -> Any:
+    """A checkpoint's ``meta`` item; ``Damaged`` if it is missing or not JSON (other OSErrors are the machine's:
+    classified by the caller)."""
+    try:
+        return json.loads((step_dir / "meta" / "metadata").read_text())
+    except (FileNotFoundError, ValueError) as e:
+        raise Damaged(f"unreadable meta/metadata ({_first_line(e)})") from None
+
+
 def check_tree(step: int, step_dir: Path, abstract_state: Any) -> None:
     """Raises ``RestoreError`` when the checkpoint's arrays are not the ones ``abstract_state`` expects."""
     want, have = _tree_paths(abstract_state), _stored_paths(step_dir)
@@ -205,10 +214,7 @@ class Checkpointer:
 
     def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         step_dir = self.dir / str(step)
-        try:
-            json.loads((step_dir / "meta" / "metadata").read_text())
-        except (FileNotFoundError, ValueError) as e:  # other OSErrors are the machine's: classified by the caller
-            raise Damaged(f"unreadable meta/metadata ({_first_line(e)})") from None
+        _read_meta(step_dir)
         check_tree(step, step_dir, abstract_state)
         out = self.manager.restore(
             step,
@@ -230,15 +236,12 @@ class Checkpointer:
         the step, read as host (NumPy) arrays in the tree the checkpoint's own metadata lists (nothing traced),
         then checked against the ``state_digest`` written with them (paths, dtypes, shapes and bytes)."""
         step_dir = self.dir / str(step)
-        try:
-            meta = json.loads((step_dir / "meta" / "metadata").read_text())
-        except (FileNotFoundError, ValueError) as e:
-            raise Damaged(f"unreadable meta/metadata ({_first_line(e)})") from None
+        meta = _read_meta(step_dir)
         want = meta.get("state_digest") if isinstance(meta, dict) else None
         if not want:  # every checkpoint resflax writes has one (train, import, bn-stats)
             raise RestoreError(f"checkpoint {step} in {self.dir} has no state_digest in its meta: not a resflax "
                                "checkpoint; nothing was moved")
-        item: dict = {"params": {}, "batch_stats": {}}
+        item: dict = {k: {} for k in VARIABLES}
         for path in _stored_paths(step_dir):
             if path[0] in VARIABLES:
                 node = item[path[0]]
