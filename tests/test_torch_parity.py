@@ -79,8 +79,9 @@ CASES = {
     # steps; a small batch keeps ResNet-110 affordable on two cores; the lr drop at 90 follows the switch back
     # to 0.1. At batch 8 the smoothed error stays near chance (0.87-0.93) for 100 steps, so where it first
     # crosses a threshold depends on the machine's float rounding: 0.865 was crossed after step 52 on an
-    # earlier machine and never on the 2026-12 CI machine (Sapphire Rapids), where 0.888 is crossed at step 19
-    # (0.8867; the lowest value before it 0.8916 at step 10): measured with the lr kept at 0.01.
+    # earlier machine and never on a Sapphire Rapids machine, where 0.888 is crossed at step 19 (0.8867; the
+    # lowest value before it 0.8916 at step 10: measured with the lr kept at 0.01); on an AMD EPYC (Zen 4)
+    # machine 0.888 is crossed at step 5. So the test asks only that both phases are there (see below).
     "resnet110": dict(batch=8, recipe=tp.Recipe(warmup=True, warmup_until_error=0.888, boundaries=(90,)),
                       tol=TOL_DEEP),
 }
@@ -150,7 +151,8 @@ def test_resnet110_warmup_ends_at_the_same_step(data):
     _assert_parity(res, "resnet110")
     switch = res.switch_step
     assert switch["resflax"] == switch["forced"], switch
-    assert 10 < switch["resflax"] < STEPS - 10, f"the warm-up should end inside the window: {switch}"
+    # at least one warm-up step at lr 0.01 and ten at 0.1 compared, wherever this machine's rounding puts the switch
+    assert 0 < switch["resflax"] < STEPS - 10, f"the warm-up should end inside the window: {switch}"
     lrs = [r["lr_resflax"] for r in res.records]
     s = switch["resflax"]
     assert set(np.float32(lrs[:s])) == {np.float32(0.01)} and set(np.float32(lrs[s:90])) == {np.float32(0.1)}
