@@ -25,15 +25,15 @@ import jaxlib
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_VALUE = "eltwise,reduce"
-# jaxlib versions the flag is set for. Not 0.12.0.1 (the newest, 2026-12-05): measured on the AVX512-FP16 CPU
-# below (``python benchmarks/flag_numerics.py``, the comparisons of tests/test_speed_numerics.py) its YNNPACK
-# fusions are as wrong as 0.10.2's there ("eltwise,reduce": synchronised BN's gradients 4.1% of the leaf's
-# largest value off; "eltwise": 1.4e-5, 8x the float32 difference; XLA's default "reduce": 1.7e-6, fine), and
-# no CPU without AVX512-FP16 was at hand to check it on, so it is left out everywhere until one is; the speed it
-# would give there is in docs/performance.md ("Training throughput by JAX version").
-TESTED_JAXLIB = ("0.10.2",)
-# CPUs on which jaxlib 0.10.2's YNNPACK fusions compute wrong or loose numbers, so resflax adds no flag there
-# (XLA's own default). Measured on a Sapphire Rapids Xeon (AMX, AVX512-FP16), fast layers against nn.BatchNorm
+# jaxlib versions the flag is set for (where the CPU allows, see YNN_UNSAFE_CPU), each checked on a CPU without
+# AVX512-FP16 with ``python benchmarks/flag_numerics.py`` (the comparisons of tests/test_speed_numerics.py):
+# 0.12.0.1 (the newest, 2026-12-05) on an AMD EPYC Zen 4: "eltwise,reduce" within float32 rounding (worst 2.0e-6
+# of the leaf's largest value, 2-device synchronised BN; no flag 1.7e-6), and 1.3-2.9x the train step of
+# ResNet-20/56/110 there (docs/performance.md, "Training throughput by JAX version"). A jaxlib not listed gets
+# no flag: an unknown value of an experimental flag aborts the process, and its numerics are unchecked.
+TESTED_JAXLIB = ("0.10.2", "0.12.0.1")
+# CPUs on which jaxlib 0.10.2's and 0.12.0.1's YNNPACK fusions compute wrong or loose numbers, so resflax adds no flag
+# there (XLA's own default). Measured on a Sapphire Rapids Xeon (AMX, AVX512-FP16), fast layers against nn.BatchNorm
 # (tests/test_speed_numerics.py): with "eltwise,reduce" synchronised BN's gradients came out up to 4% of the
 # leaf's largest value off; with "eltwise" alone one forward/backward of ResNet-8 differed by 1.1e-5 of it (7x
 # what the same comparison gives elsewhere); "reduce" alone (XLA's default) and no flag agree to float32
