@@ -135,6 +135,7 @@ def _predict_phases(workdir: str, photo: str) -> None:
     import jax  # noqa: PLC0415, F401 (the phases are the point: each import is timed)
     lap("import jax")
     from resflax import xla  # noqa: PLC0415
+    xla.configure(training=False)  # as resflax.cli does for predict
     xla.compilation_cache()
     lap("compilation cache on")
     from resflax.train import evaluate, tasks, transfer  # noqa: PLC0415, F401 (transfer: predict's own imports)

@@ -367,6 +367,38 @@ def _xla_child(xla_flags=None, defaults=None):
     return out
 
 
+COMMAND_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from resflax import cli
+    cmd, workdir = sys.argv[1], sys.argv[2]
+    rc = cli.main([cmd, f"--workdir={workdir}"] + (["photo.jpg"] if cmd == "predict" else []))  # an empty run dir
+    import resflax.models  # noqa: F401  (configures XLA_FLAGS on import, unless the command already did)
+    import jax, jax.numpy as jnp
+    x = jnp.ones((256, 512), jnp.float32)
+    ynn = jax.jit(lambda a: jnp.tanh(a) * a).lower(x).compile().as_text().count("__ynn_fusion")
+    print(json.dumps({"rc": rc, "flags": os.environ.get("XLA_FLAGS"), "eltwise_ynn": ynn}))
+""")
+
+
+@pytest.mark.parametrize("cmd", ["predict", "eval"])
+def test_predict_runs_without_the_training_flag(cmd, tmp_path):
+    """The YNN flag is for training's step; ``resflax predict`` (one forward pass, slower with it on a CPU that
+    gets it) starts JAX without it, while ``eval``, like training, gets resflax's defaults. Forced on (any CPU)
+    so that the difference shows on every machine."""
+    xla = _tested_jaxlib()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "RESFLAX_XLA_DEFAULTS")}
+    env.update(JAX_PLATFORMS="cpu", RESFLAX_XLA_DEFAULTS="force", RESFLAX_COMPILATION_CACHE="0")
+    res = subprocess.run([sys.executable, "-c", COMMAND_SCRIPT, cmd, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["rc"] == 2, res.stderr[-2000:]  # no run there: one line, bad input
+    if cmd == "predict":
+        assert out["flags"] is None and out["eltwise_ynn"] == 0, out
+    else:
+        assert out["flags"] == " ".join(xla.default_flags(cpu=frozenset())) and out["eltwise_ynn"] > 0, out
+
+
 def _tested_jaxlib():
     from resflax import xla
 

@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         # an interrupt Python dropped on the way (resflax.interrupts) still ends the command as interrupted
         with Interrupts(defer=False) as interrupts:
             if cmd in JAX_COMMANDS and not any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
-                xla.compilation_cache()  # before anything compiles (RESFLAX_COMPILATION_CACHE=0: off)
+                # before JAX's backend starts: the default XLA flags, which are for training's step (predict's
+                # one forward pass is faster without them), and the compilation cache, before anything compiles
+                xla.configure(training=cmd != "predict")
+                xla.compilation_cache()  # RESFLAX_COMPILATION_CACHE=0: off
             run = {"train": cmd_train, "import": cmd_import}.get(cmd) or _commands(AREAS[cmd]).COMMANDS[cmd]
             rc = run(rest)
             interrupts.check()

@@ -8,9 +8,10 @@ linearly with depth: without it, XLA fuses whole BN + add + ReLU chains into the
 weight-gradient convolutions and recomputes them (81% of ResNet-110's step), and compile time grows too.
 The flag is experimental: an unknown value aborts the process, so it is only set for the jaxlib versions it
 was tested with, and never when the user's ``XLA_FLAGS`` already mention it. ``RESFLAX_XLA_DEFAULTS=0``
-turns the defaults off. XLA reads ``XLA_FLAGS`` once, when the first backend starts, so :func:`configure`
-runs when ``resflax.models`` is imported; importing (or initialising) JAX's backend earlier is fine as long as
-no computation ran before.
+turns the defaults off; ``resflax predict`` runs without them (``configure(training=False)``: its one forward
+pass is slower with the flag). XLA reads ``XLA_FLAGS`` once, when the first backend starts, so :func:`configure`
+runs when ``resflax.models`` is imported (the CLI calls it earlier, per command); importing (or initialising)
+JAX's backend earlier is fine as long as no computation ran before.
 """
 
 from __future__ import annotations
@@ -79,12 +80,17 @@ def default_flags(jaxlib_version: str | None = None, cpu: frozenset[str] | None 
     return [f"{YNN_FLAG}={YNN_VALUE}"]
 
 
-def configure() -> list[str]:
-    """Appends resflax's default flags to ``XLA_FLAGS`` (once); returns the flags it added."""
+def configure(training: bool = True) -> list[str]:
+    """Appends resflax's default flags to ``XLA_FLAGS`` (once: the first call in a process decides); returns the
+    flags it added. ``training=False`` adds none: for a process that only runs a forward pass (``resflax
+    predict``), which the YNN flag slows (ResNet-50 on one image, AMD EPYC Zen 4: 0.41 s with it, 0.22-0.29 s
+    without; docs/performance.md, "Start-up: cold and warm")."""
     global _configured
     if _configured is not None:
         return _configured
     _configured = []
+    if not training:
+        return _configured
     mode = os.environ.get("RESFLAX_XLA_DEFAULTS", "1")
     if mode in ("0", "false", "False", "no"):
         return _configured
