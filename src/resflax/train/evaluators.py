@@ -24,13 +24,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resflax.data import augment, imagenet_input
+from resflax.lazy import LazyModule
 from resflax.train.distributed import to_host
 from resflax.train.step import AXIS
+
+optax = LazyModule("optax")  # imported at first use: predict and export build no optimizer and no loss
 
 
 def make_eval_step(model, mesh, normalize: Callable = augment.normalize, top5: bool = False) -> Callable:

@@ -14,10 +14,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from resflax.lazy import LazyModule
 from resflax.models.resnet import pack_blocks
+
+optax = LazyModule("optax")  # imported at first use: predict and export build no optimizer and no loss
 
 
 @flax.struct.dataclass

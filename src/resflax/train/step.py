@@ -20,14 +20,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resflax import xla as _xla
 from resflax.data import augment
+from resflax.lazy import LazyModule
 from resflax.train import schedules
 from resflax.train.state import TrainState
+
+optax = LazyModule("optax")  # imported at first use: predict and export build no optimizer and no loss
 
 _xla.configure()  # default XLA flags must be in place before the backend starts
 
