@@ -323,3 +323,39 @@ def test_readers_trace_no_initialisation(split_run_dir, tmp_path, monkeypatch, c
             assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
         assert not inits and calls[0] is False, (argv[0], inits, calls)
         assert argv[0] == "eval" or calls == [False], (argv[0], calls)  # eval also traces its evaluation step
+
+
+# the console command (resflax.cli.entry) under TFDS's mock, with an atexit handler that says when the
+# interpreter's ordinary teardown ran
+QUICK = ("import atexit, sys, tensorflow_datasets as tfds\n"
+         "atexit.register(lambda: print('teardown ran', flush=True))\n"
+         "from resflax import cli\n"
+         "with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):\n"
+         "    cli.entry()\n")
+
+
+def test_predict_ends_as_soon_as_its_output_is_flushed(split_run_dir, tmp_path):
+    """``resflax predict`` as a console command ends the process right after flushing what it printed
+    (``resflax.cli.QUICK_EXIT``: the interpreter's and the libraries' teardown is skipped, so an atexit handler
+    does not run): its output through a pipe is the same as ``main``'s with the ordinary exit, and so is its exit
+    status, on success and on bad input; other commands (``eval``) end the ordinary way."""
+    from PIL import Image  # noqa: PLC0415
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+
+    def quick(argv):
+        return subprocess.run([sys.executable, "-c", QUICK, *argv], capture_output=True, text=True,
+                              env=_env(tmp_path), cwd=ROOT, timeout=300)
+
+    argv = ["predict", f"--workdir={split_run_dir}", str(image)]
+    ordinary = _cli(argv, tmp_path)
+    p = quick(argv)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout == ordinary.stdout and len(p.stdout.splitlines()) == 6, p.stdout  # the photo, then 5 classes
+    bad = quick(["predict", f"--workdir={tmp_path / 'none'}", str(image)])
+    assert bad.returncode == 2 and "teardown ran" not in bad.stdout, (bad.stdout, bad.stderr[-2000:])
+    assert bad.stderr.strip().splitlines()[-1].startswith("resflax: "), bad.stderr[-2000:]
+    ev = quick(["eval", f"--workdir={split_run_dir}"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert ev.stdout.splitlines()[-1] == "teardown ran", ev.stdout
