@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MOCK = ("import sys, tensorflow_datasets as tfds\nfrom resflax import cli\n"
+# the console command's own function (cli.entry: main, then the exit as `resflax` ends)
+MOCK = ("import tensorflow_datasets as tfds\nfrom resflax import cli\n"
         "with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):\n"
-        "    sys.exit(cli.main(sys.argv[1:]))\n")
-PLAIN = "import sys\nfrom resflax import cli\nsys.exit(cli.main(sys.argv[1:]))\n"  # `resflax ARGV`, no mock
+        "    cli.entry()\n")
+PLAIN = "from resflax import cli\ncli.entry()\n"  # `resflax ARGV`, no mock
 TRAIN = ["train", "--config=experiments/cifar10.py:resnet8", "--config.batch_size=16", "--config.eval_batch_size=32",
          "--config.num_steps=2", "--config.lr_boundaries=(1,2)", "--config.eval_every_steps=2",
          "--config.checkpoint_every_steps=2", "--config.progress=False"]
