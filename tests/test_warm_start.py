@@ -336,7 +336,7 @@ QUICK = ("import atexit, sys, tensorflow_datasets as tfds\n"
 
 def test_predict_ends_as_soon_as_its_output_is_flushed(split_run_dir, tmp_path):
     """``resflax predict`` as a console command ends the process right after flushing what it printed
-    (``resflax.cli.QUICK_EXIT``: the interpreter's and the libraries' teardown is skipped, so an atexit handler
+    (``resflax.cli.entry``: the interpreter's and the libraries' teardown is skipped, so an atexit handler
     does not run): its output through a pipe is the same as ``main``'s with the ordinary exit, and so is its exit
     status, on success and on bad input; other commands (``eval``) end the ordinary way."""
     from PIL import Image  # noqa: PLC0415

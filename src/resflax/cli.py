@@ -28,7 +28,7 @@ not be written / a checkpoint that could not be restored (one line on stderr), 3
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import sys
 import time
@@ -67,8 +67,7 @@ def cmd_train(argv: list[str]) -> int:
 
     def define(fl):
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)", flag_values=fl)
-        flags.DEFINE_bool("start_over", False, "move an existing run in workdir aside and start fresh",
-                          flag_values=fl)
+        flags.DEFINE_bool("start_over", False, "move an existing run in workdir aside and start fresh", flag_values=fl)
 
     try:
         fl, rest = config_cli.parse_config("resflax train", argv, define)
@@ -117,8 +116,7 @@ def _workdir_of(argv: list[str]) -> Path | None:
     return None
 
 
-# train and import write their workdir: an internal error's traceback is kept in WORKDIR/errors.log. The other
-# commands write nothing where they read (eval, export, predict, report, responses): it goes to the user's cache.
+# train and import write their workdir, so an internal error's traceback is kept there; the others': the user's cache
 WRITES_WORKDIR = ("train", "import")
 # The commands that run JAX: they keep compiled programs in ~/.cache/resflax/xla (xla.compilation_cache).
 JAX_COMMANDS = ("train", "eval", "predict", "import", "export", "responses", "bn-stats")
@@ -165,10 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         # an interrupt Python dropped on the way (resflax.interrupts) still ends the command as interrupted
         with Interrupts(defer=False) as interrupts:
             if cmd in JAX_COMMANDS and not any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
-                # before JAX's backend starts: the default XLA flags, which are for training's step (predict's
-                # one forward pass is faster without them), and the compilation cache, before anything compiles
-                xla.configure(training=cmd != "predict")
-                xla.compilation_cache()  # RESFLAX_COMPILATION_CACHE=0: off
+                xla.configure(training=cmd != "predict")  # the YNN flag is for training: predict is faster without
+                xla.compilation_cache()  # before anything compiles (RESFLAX_COMPILATION_CACHE=0: off)
             run = {"train": cmd_train, "import": cmd_import}.get(cmd) or _commands(AREAS[cmd]).COMMANDS[cmd]
             rc = run(rest)
             interrupts.check()
@@ -187,27 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         return _internal_error(cmd, rest, e)
 
 
-# Commands that write nothing but what they print: once one has returned and its output is flushed, the console
-# command ends the process without the teardown of the interpreter and the libraries (XLA's client, TensorStore's
-# and Orbax's contexts, every module: 0.2-0.4 s of a warm `resflax predict` on 2 cores, docs/performance.md). The
-# atexit handlers it skips (JAX's backends and effect tokens, logging, filelock's locks, PIL's cache) have nothing
-# left to do then: logging and the output streams are flushed here, and predict holds no lock and leaves no
-# thread. `main` itself returns as any function does (tests call it in-process).
-QUICK_EXIT = ("predict",)
-
-
 def entry() -> None:
-    """The ``resflax`` console command (and ``python -m resflax.cli``): ``main``, then the process's exit."""
-    argv = sys.argv[1:]
-    rc = main(argv)
-    if argv and argv[0] in QUICK_EXIT:
-        try:
-            logging.shutdown()
+    """The ``resflax`` console command (and ``python -m resflax.cli``): ``main``, then the exit. ``predict`` writes
+    nothing but what it prints, so once that is flushed the process ends without the interpreter's and libraries'
+    teardown (0.2-0.4 s of a warm predict, docs/performance.md); ``main`` itself returns (tests call it)."""
+    rc = main(sys.argv[1:])
+    if sys.argv[1:2] == ["predict"]:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: the ordinary exit says so, as Python does
             sys.stdout.flush()
             sys.stderr.flush()
-        except Exception:  # noqa: BLE001 (a closed pipe, say: the ordinary exit reports it as Python does)
-            sys.exit(rc)
-        os._exit(rc)
+            os._exit(rc)
     sys.exit(rc)
 
 
