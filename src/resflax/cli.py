@@ -116,10 +116,11 @@ def _workdir_of(argv: list[str]) -> Path | None:
     return None
 
 
-# train and import write their workdir, so an internal error's traceback is kept there; the others': the user's cache
-WRITES_WORKDIR = ("train", "import")
-# The commands that run JAX: they keep compiled programs in ~/.cache/resflax/xla (xla.compilation_cache).
+WRITES_WORKDIR = ("train", "import")  # an internal error's traceback kept there; others': in the user's cache
+# The commands that run JAX: they keep compiled programs in ~/.cache/resflax/xla (xla.compilation_cache). Of them,
+# those that only run a forward pass and print: no training XLA flag, and `entry` ends them once that is flushed.
 JAX_COMMANDS = ("train", "eval", "predict", "import", "export", "responses", "bn-stats")
+FORWARD_ONLY = ("predict",)
 
 
 def _error_log(cmd: str, argv: list[str]) -> Path:
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         # an interrupt Python dropped on the way (resflax.interrupts) still ends the command as interrupted
         with Interrupts(defer=False) as interrupts:
             if cmd in JAX_COMMANDS and not any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
-                xla.configure(training=cmd != "predict")  # the YNN flag is for training: predict is faster without
+                xla.configure(training=cmd not in FORWARD_ONLY)  # the YNN flag: faster training, slower forward
                 xla.compilation_cache()  # before anything compiles (RESFLAX_COMPILATION_CACHE=0: off)
             run = {"train": cmd_train, "import": cmd_import}.get(cmd) or _commands(AREAS[cmd]).COMMANDS[cmd]
             rc = run(rest)
@@ -184,11 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``resflax`` console command (and ``python -m resflax.cli``): ``main``, then the exit. ``predict`` writes
-    nothing but what it prints, so once that is flushed the process ends without the interpreter's and libraries'
-    teardown (0.2-0.4 s of a warm predict, docs/performance.md); ``main`` itself returns (tests call it)."""
+    """The ``resflax`` console command (and ``python -m resflax.cli``): ``main``, then the exit, without the teardown
+    after a FORWARD_ONLY command (0.2-0.4 s of a warm predict, docs/performance.md); ``main`` itself returns."""
     rc = main(sys.argv[1:])
-    if sys.argv[1:2] == ["predict"]:
+    if sys.argv[1:2] and sys.argv[1] in FORWARD_ONLY:
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: the ordinary exit says so, as Python does
             sys.stdout.flush()
             sys.stderr.flush()
